@@ -1,0 +1,74 @@
+"""The `kernorm` command line: parses options, calls the library, prints."""
+
+import dataclasses
+import os
+
+import click
+from click.core import ParameterSource
+
+from kernorm.errors import KernormError
+from kernorm.train import TrainConfig
+
+# Quiet TensorFlow's C++ start-up banner before anything imports it.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+class _Group(click.Group):
+    """Turns a KernormError into click's one-line `Error: ...` and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KernormError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="kernorm")
+def main():
+    """Normalization and regularization for a tiny CNN: train, compare, export."""
+
+
+_DEFAULTS = TrainConfig()
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="Start from a run's config.json; options given here override it.")
+@click.option("--norm", type=click.Choice(["none", "bn", "ln", "gn"]), default=_DEFAULTS.norm, show_default=True)
+@click.option("--groups", type=click.IntRange(min=1), default=_DEFAULTS.groups, show_default=True,
+              help="Channel groups for gn.")
+@click.option("--l1", type=click.FloatRange(min=0), default=_DEFAULTS.l1, show_default=True,
+              help="L1 coefficient on conv and dense kernels.")
+@click.option("--l2", type=click.FloatRange(min=0), default=_DEFAULTS.l2, show_default=True,
+              help="L2 coefficient on conv and dense kernels.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout rate.")
+@click.option("--dropout-layers", type=click.Choice(["last", "all"]), default=_DEFAULTS.dropout_layers,
+              show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=_DEFAULTS.epochs, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
+@click.option("--momentum", type=click.FloatRange(0, 1), default=_DEFAULTS.momentum, show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+@click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
+              help="Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR]; default: Keras's download.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
+@click.option("--out", default=None, help="Run folder [default: runs/<norm>[-l1_X][-l2_X]-seed<seed>].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--deterministic", is_flag=True, help="TensorFlow op determinism: identical reruns.")
+@click.option("--tensorboard", is_flag=True, help="Write TensorBoard scalars into the run folder.")
+@click.pass_context
+def train(ctx, config_file, overwrite, **options):
+    """Train the study's network on MNIST and write a run folder."""
+    from kernorm.train import train as run_training
+
+    config = TrainConfig.load(config_file) if config_file else TrainConfig()
+    given = {k: v for k, v in options.items()
+             if not config_file or ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    config = dataclasses.replace(config, **given)
+    metrics = run_training(config, overwrite=overwrite)
+    if metrics["interrupted"]:
+        click.echo(f"Interrupted after {metrics['epochs_completed']} epoch(s); kept in {config.run_dir}", err=True)
+        ctx.exit(130)
+    click.echo(f"final test acc {metrics['final_test_acc']:.4f}, best {metrics['best_test_acc']:.4f} "
+               f"(epoch {metrics['best_epoch']}); run folder {config.run_dir}")

@@ -1,0 +1,117 @@
+"""MNIST: a small IDX reader for offline copies, Keras's download otherwise, and the tf.data input pipeline."""
+
+import gzip
+import os
+
+import numpy as np
+
+from kernorm.errors import KernormError
+
+DATA_DIR_ENV = "KERNORM_DATA_DIR"
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# IDX magic: two zero bytes, a type code (0x08 = unsigned byte), the number of dimensions.
+UBYTE = 0x08
+
+
+def read_idx(path):
+    """Reads an IDX file of unsigned bytes (gzip or raw) into a NumPy array.
+
+    Args:
+        path: the file; a name ending in ".gz" is decompressed.
+
+    Returns:
+        A uint8 array whose shape is the file's dimensions.
+    """
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise KernormError(f"{path}: cannot read ({e}); replace it with a good copy") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != UBYTE or raw[3] == 0:
+        raise KernormError(f"{path}: not an IDX file of unsigned bytes (wrong magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise KernormError(f"{path}: truncated header; replace it with a good copy")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise KernormError(f"{path}: holds {len(raw) - header} data bytes, its header promises "
+                           f"{expected} {dims}; the file is truncated or corrupt")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
+
+
+def _find(data_dir, stem):
+    for name in (stem + ".gz", stem):
+        path = os.path.join(data_dir, name)
+        if os.path.exists(path):
+            return path
+    raise KernormError(f"{os.path.join(data_dir, stem + '.gz')} not found; --data-dir must hold "
+                       f"the four MNIST IDX files (gzip or raw)")
+
+
+def _check(images, labels, split):
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise KernormError(f"MNIST {split} images have shape {images.shape}, expected (N, 28, 28)")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise KernormError(f"MNIST {split}: {len(images)} images but {labels.shape} labels; "
+                           f"the image and label files do not belong together")
+    if labels.size and labels.max() > 9:
+        raise KernormError(f"MNIST {split} labels: found {labels.max()}, labels must lie in 0-9")
+
+
+def load_mnist(data_dir=None):
+    """Loads MNIST as uint8 arrays.
+
+    Args:
+        data_dir: a folder with the four standard IDX files (gzip or raw).
+            Defaults to the `KERNORM_DATA_DIR` environment variable; when neither
+            is set, Keras's `mnist.load_data()` downloads the data.
+
+    Returns:
+        `(x_train, y_train), (x_test, y_test)`: images `(N, 28, 28)` and labels `(N,)`, uint8.
+    """
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+    if data_dir:
+        if not os.path.isdir(data_dir):
+            raise KernormError(f"data directory {data_dir} does not exist; pass --data-dir with the MNIST IDX files")
+        arrays = {key: read_idx(_find(data_dir, stem)) for key, stem in FILES.items()}
+        train = arrays["train_images"], arrays["train_labels"]
+        test = arrays["test_images"], arrays["test_labels"]
+    else:
+        import keras
+
+        try:
+            train, test = keras.datasets.mnist.load_data()
+        except Exception as e:  # any network or cache failure ends in the same advice
+            raise KernormError(f"downloading MNIST failed ({type(e).__name__}); pass --data-dir DIR "
+                               f"(or set {DATA_DIR_ENV}) with the four MNIST IDX files") from None
+    _check(*train, "train")
+    _check(*test, "test")
+    return train, test
+
+
+def make_dataset(images, labels, batch_size, shuffle_seed=None):
+    """A tf.data pipeline of `(images, labels)` batches for training or evaluation.
+
+    Args:
+        images: uint8 `(N, 28, 28)` array.
+        labels: `(N,)` array of class indices.
+        batch_size: images per batch; the last batch may be smaller.
+        shuffle_seed: shuffle every epoch from this seed; None keeps the order.
+
+    Returns:
+        A `tf.data.Dataset` of float32 `(batch, 28, 28, 1)` raw pixels and int32 labels.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((images[..., None], labels.astype("int32")))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can fix."""
+
+
+class KernormError(Exception):
+    """A user-caused error: a bad option, a missing or corrupt file, a wrong input.
+
+    Its message is one line that names the thing and the fix; the CLI prints it
+    as is and exits non-zero, without a traceback.
+    """

@@ -1,0 +1,34 @@
+"""Writing files so that each appears whole or not at all."""
+
+import contextlib
+import json
+import os
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path`; renames it to `path` on success.
+
+    The temporary name keeps the suffix (Keras insists on `.keras`), and is
+    removed if the body raises, so a reader never sees a half-written file.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp{os.path.splitext(name)[1]}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    """Writes `text` to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def write_json(path, data):
+    """Writes `data` as indented JSON to `path` atomically."""
+    write_text(path, json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,74 @@
+"""The study's 4.7k-parameter MNIST network, built from kernorm's factories."""
+
+import os
+
+import keras
+from keras import layers
+
+from kernorm.errors import KernormError
+from kernorm.layers import TORCH_INIT, conv_block, kernel_regularizer, trans_block
+
+# MNIST's pixel mean and standard deviation on [0, 1], as the study normalised.
+MNIST_MEAN = 0.1307
+MNIST_STD = 0.3081
+INPUT_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+
+
+def normalize_pixels():
+    """A weightless layer mapping raw pixels 0–255 to (x/255 − mean) / std.
+
+    Being part of the model, it travels with every export, so a device feeds
+    raw pixels and needs no preprocessing of its own.
+    """
+    return layers.Rescaling(scale=1 / (255 * MNIST_STD), offset=-MNIST_MEAN / MNIST_STD,
+                            name="normalize_pixels")
+
+
+def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", groups=2):
+    """Builds the study's network.
+
+    Block [10, 10, 10] -> transition -> block [10, 10] -> transition ->
+    flatten -> dense 10. Every conv is 3×3 "valid" without bias, followed by
+    ReLU and the norm. 4,600 trainable parameters without a norm, 4,700 with
+    "bn", "ln" or "gn".
+
+    Args:
+        norm: "bn", "ln", "gn", "none" or None.
+        l1, l2: kernel regularizer coefficients for every conv and dense kernel.
+        dropout: dropout rate, or None.
+        dropout_layers: "last" (one Dropout per block) or "all" (after every conv layer).
+        groups: channel groups for "gn".
+
+    Returns:
+        A `keras.Sequential`. Input `(batch, 28, 28, 1)` raw pixels in 0–255,
+        output `(batch, 10)` logits.
+    """
+    block = dict(norm=norm, groups=groups, dropout=dropout, dropout_layers=dropout_layers,
+                 l1=l1, l2=l2)
+    return keras.Sequential([
+        keras.Input(INPUT_SHAPE),
+        normalize_pixels(),
+        conv_block([10, 10, 10], name="block1", **block),
+        trans_block(10, 10, name="transition1"),
+        conv_block([10, 10], name="block2", **block),
+        trans_block(10, 10, name="transition2"),
+        layers.Flatten(name="flatten"),
+        layers.Dense(NUM_CLASSES, kernel_initializer=keras.initializers.VarianceScaling(**TORCH_INIT),
+                     kernel_regularizer=kernel_regularizer(l1, l2), name="logits"),
+    ], name=f"study_{norm or 'none'}")
+
+
+def count_trainable(model):
+    """Number of trainable parameters of `model`."""
+    return int(sum(w.numpy().size for w in model.trainable_weights))
+
+
+def load_model(path):
+    """Loads a `.keras` model with Keras's safe mode on: nothing is unpickled or run from the file."""
+    if not os.path.isfile(path):
+        raise KernormError(f"model {path} not found; pass a run folder or a .keras file")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as e:  # Keras raises many types for a bad archive; all mean the same to a user
+        raise KernormError(f"{path}: not a loadable .keras model ({type(e).__name__}: {e})") from None

@@ -1,0 +1,124 @@
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+
+from kernorm.data import FILES, load_mnist, make_dataset, read_idx
+from kernorm.errors import KernormError
+
+
+def idx_bytes(array):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def make_dir(tmp_path, n_train=6, n_test=4, gz=True, **override):
+    """A data folder of tiny IDX files; `override` maps a FILES key to raw bytes."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28)), "train_labels": np.arange(n_train) % 10,
+        "test_images": rng.integers(0, 256, (n_test, 28, 28)), "test_labels": np.arange(n_test) % 10,
+    }
+    for key, stem in FILES.items():
+        raw = override.get(key, idx_bytes(arrays[key]))
+        if gz:
+            (tmp_path / (stem + ".gz")).write_bytes(gzip.compress(raw))
+        else:
+            (tmp_path / stem).write_bytes(raw)
+    return tmp_path
+
+
+def test_real_mnist(mnist):
+    (x_train, y_train), (x_test, y_test) = mnist
+    assert x_train.shape == (60000, 28, 28) and x_test.shape == (10000, 28, 28)
+    assert y_train.shape == (60000,) and y_test.shape == (10000,)
+    assert x_train.dtype == np.uint8 and y_train.dtype == np.uint8
+    assert set(np.unique(y_train)) == set(range(10))
+    assert y_train[:5].tolist() == [5, 0, 4, 1, 9]  # MNIST's well-known first labels
+    assert x_train.max() == 255
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_reads_gzip_and_raw(tmp_path, gz):
+    (x_train, y_train), (x_test, y_test) = load_mnist(str(make_dir(tmp_path, gz=gz)))
+    assert x_train.shape == (6, 28, 28) and y_test.tolist() == [0, 1, 2, 3]
+
+
+def test_env_var_names_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNORM_DATA_DIR", str(make_dir(tmp_path)))
+    assert load_mnist()[0][0].shape == (6, 28, 28)
+
+
+def test_missing_file_is_named(tmp_path):
+    make_dir(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(KernormError, match=r"t10k-labels-idx1-ubyte\.gz not found"):
+        load_mnist(str(tmp_path))
+
+
+def test_missing_dir(tmp_path):
+    with pytest.raises(KernormError, match="does not exist"):
+        load_mnist(str(tmp_path / "nope"))
+
+
+def test_wrong_magic(tmp_path):
+    make_dir(tmp_path, train_labels=b"\x00\x00\x0d\x01" + (6).to_bytes(4, "big") + bytes(24))
+    with pytest.raises(KernormError, match="wrong magic number"):
+        load_mnist(str(tmp_path))
+
+
+def test_truncated_data(tmp_path):
+    make_dir(tmp_path, test_images=idx_bytes(np.zeros((4, 28, 28)))[:-10])
+    with pytest.raises(KernormError, match="truncated or corrupt"):
+        load_mnist(str(tmp_path))
+
+
+def test_truncated_gzip(tmp_path):
+    make_dir(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(KernormError, match="cannot read"):
+        load_mnist(str(tmp_path))
+
+
+def test_counts_differ(tmp_path):
+    make_dir(tmp_path, train_labels=idx_bytes(np.zeros(5)))
+    with pytest.raises(KernormError, match="6 images but"):
+        load_mnist(str(tmp_path))
+
+
+def test_label_out_of_range(tmp_path):
+    make_dir(tmp_path, test_labels=idx_bytes(np.array([0, 1, 12, 3])))
+    with pytest.raises(KernormError, match="labels must lie in 0-9"):
+        load_mnist(str(tmp_path))
+
+
+def test_failed_download_says_to_pass_data_dir(monkeypatch):
+    import keras
+
+    def offline():
+        raise OSError("no network")
+
+    monkeypatch.delenv("KERNORM_DATA_DIR", raising=False)
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(KernormError, match="--data-dir"):
+        load_mnist()
+
+
+def test_read_idx_shape(data_dir):
+    labels = read_idx(f"{data_dir}/t10k-labels-idx1-ubyte.gz")
+    assert labels.shape == (10000,)
+
+
+def test_dataset_batches_and_shuffles_by_seed():
+    x = np.arange(10 * 28 * 28, dtype=np.uint8).reshape(10, 28, 28)
+    y = np.arange(10)
+    ordered = [b[1].numpy().tolist() for b in make_dataset(x, y, 4)]
+    assert ordered == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    first = np.concatenate([b[1] for b in make_dataset(x, y, 4, shuffle_seed=3)])
+    again = np.concatenate([b[1] for b in make_dataset(x, y, 4, shuffle_seed=3)])
+    assert sorted(first.tolist()) == list(range(10)) and first.tolist() != list(range(10))
+    np.testing.assert_array_equal(first, again)
+    images, _ = next(iter(make_dataset(x, y, 4)))
+    assert images.shape == (4, 28, 28, 1) and images.dtype.name == "float32"
