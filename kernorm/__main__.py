@@ -1,0 +1,5 @@
+"""`python -m kernorm`: the same as the `kernorm` command."""
+
+from kernorm.cli import main
+
+main()
