@@ -40,15 +40,15 @@ class LayerNorm(layers.GroupNormalization):
         super().__init__(groups=1, epsilon=epsilon, **kwargs)
 
 
-def _batch_norm(channels, groups):
-    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=EPSILON)
+def _batch_norm(channels, groups, sync_bn):
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=EPSILON, synchronized=sync_bn)
 
 
-def _layer_norm(channels, groups):
+def _layer_norm(channels, groups, sync_bn):
     return LayerNorm()
 
 
-def _group_norm(channels, groups):
+def _group_norm(channels, groups, sync_bn):
     if groups < 1 or channels % groups:
         raise KernormError(
             f"group norm: groups={groups} does not divide {channels} channels; "
@@ -57,17 +57,22 @@ def _group_norm(channels, groups):
     return layers.GroupNormalization(groups=groups, epsilon=EPSILON)
 
 
-# name -> factory(channels, groups) -> layer. "none" adds no layer.
+# name -> factory(channels, groups, sync_bn) -> layer. "none" adds no layer. LN and GN
+# normalize each sample on its own, so only BN has batch statistics to synchronize.
 NORMS = {"bn": _batch_norm, "ln": _layer_norm, "gn": _group_norm, "none": None}
 
 
-def create_norm_layer(norm, channels, groups=2):
+def create_norm_layer(norm, channels, groups=2, sync_bn=False):
     """Creates the normalization layer registered under `norm`.
 
     Args:
         norm: a key of `NORMS` ("bn", "ln", "gn", "none") or None.
         channels: channel count of the feature map it will normalize.
         groups: number of channel groups, used by "gn" only.
+        sync_bn: "bn" takes its batch statistics over the batches of all
+            replicas of a `tf.distribute` strategy (Keras's
+            `BatchNormalization(synchronized=True)`), not over each replica's
+            share alone. Other norms ignore it.
 
     Returns:
         A Keras layer, or None for no normalization.
@@ -76,7 +81,7 @@ def create_norm_layer(norm, channels, groups=2):
     if key not in NORMS:
         raise KernormError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     factory = NORMS[key]
-    return factory(channels, groups) if factory else None
+    return factory(channels, groups, sync_bn) if factory else None
 
 
 def kernel_regularizer(l1, l2):
@@ -84,7 +89,7 @@ def kernel_regularizer(l1, l2):
 
 
 def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activation="relu",
-               norm=None, groups=2, dropout=None, l1=0.0, l2=0.0):
+               norm=None, groups=2, dropout=None, l1=0.0, l2=0.0, sync_bn=False):
     """The study's `buildConvLayer`: conv -> activation -> norm -> dropout.
 
     Args:
@@ -96,6 +101,8 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
         norm: normalization name from `NORMS`, or None.
         groups: channel groups for "gn".
         dropout: dropout rate after the norm, or None for no dropout.
+        sync_bn: synchronized batch statistics across replicas for "bn"
+            (see `create_norm_layer`).
         l1, l2: coefficients of the kernel regularizer; the loss gains
             `l1·Σ|w| + l2·Σw²` over this layer's kernel.
 
@@ -108,7 +115,7 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
         kernel_initializer=keras.initializers.VarianceScaling(**TORCH_INIT),
         kernel_regularizer=kernel_regularizer(l1, l2),
     ), layers.Activation(activation)]
-    norm_layer = create_norm_layer(norm, filters, groups)
+    norm_layer = create_norm_layer(norm, filters, groups, sync_bn)
     if norm_layer is not None:
         stack.append(norm_layer)
     if dropout:
@@ -118,7 +125,7 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
 
 def conv_block(filters_list, kernel_size=3, padding="valid", use_bias=False, activation="relu",
                norm=None, groups=2, dropout=None, dropout_layers="last", l1=0.0, l2=0.0,
-               name=None):
+               sync_bn=False, name=None):
     """The study's `buildConvBlock`: one `conv_layer` per entry of `filters_list`.
 
     Args:
@@ -139,7 +146,7 @@ def conv_block(filters_list, kernel_size=3, padding="valid", use_bias=False, act
     for filters in filters_list:
         stack += conv_layer(filters, kernel_size=kernel_size, padding=padding, use_bias=use_bias,
                             activation=activation, norm=norm, groups=groups, l1=l1, l2=l2,
-                            dropout=dropout if dropout_layers == "all" else None)
+                            sync_bn=sync_bn, dropout=dropout if dropout_layers == "all" else None)
     if dropout and dropout_layers == "last":
         stack.append(layers.Dropout(dropout))
     return keras.Sequential(stack, name=name)

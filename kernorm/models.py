@@ -1,5 +1,7 @@
 """The study's 4.7k-parameter MNIST network, built from kernorm's factories."""
 
+import contextlib
+import hashlib
 import os
 
 import keras
@@ -25,7 +27,7 @@ def normalize_pixels():
                             name="normalize_pixels")
 
 
-def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", groups=2):
+def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", groups=2, sync_bn=False):
     """Builds the study's network.
 
     Block [10, 10, 10] -> transition -> block [10, 10] -> transition ->
@@ -39,13 +41,19 @@ def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", 
         dropout: dropout rate, or None.
         dropout_layers: "last" (one Dropout per block) or "all" (after every conv layer).
         groups: channel groups for "gn".
+        sync_bn: "bn" synchronizes its batch statistics across the replicas of
+            a `tf.distribute` strategy (see `kernorm.layers.create_norm_layer`).
+
+    The layers take Keras's global dtype policy (e.g. "mixed_bfloat16"),
+    except the logits layer, which always computes in float32 so that the
+    softmax and the loss do.
 
     Returns:
         A `keras.Sequential`. Input `(batch, 28, 28, 1)` raw pixels in 0–255,
         output `(batch, 10)` logits.
     """
     block = dict(norm=norm, groups=groups, dropout=dropout, dropout_layers=dropout_layers,
-                 l1=l1, l2=l2)
+                 l1=l1, l2=l2, sync_bn=sync_bn)
     return keras.Sequential([
         keras.Input(INPUT_SHAPE),
         normalize_pixels(),
@@ -55,8 +63,33 @@ def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", 
         trans_block(10, 10, name="transition2"),
         layers.Flatten(name="flatten"),
         layers.Dense(NUM_CLASSES, kernel_initializer=keras.initializers.VarianceScaling(**TORCH_INIT),
-                     kernel_regularizer=kernel_regularizer(l1, l2), name="logits"),
+                     kernel_regularizer=kernel_regularizer(l1, l2), dtype="float32", name="logits"),
     ], name=f"study_{norm or 'none'}")
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Within the block, new layers take Keras's dtype policy `name`
+    ("float32", "mixed_float16", "mixed_bfloat16"); the previous global policy
+    comes back afterwards."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def weights_digest(model):
+    """A short fingerprint of all of `model`'s weights (trainable or not), in order.
+
+    Equal weights give equal digests, so two processes, or a process and a
+    saved `.keras` file, can show they hold the same model.
+    """
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(weight.numpy().astype("float32").tobytes())
+    return digest.hexdigest()[:16]
 
 
 def count_trainable(model):
