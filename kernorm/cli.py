@@ -6,8 +6,9 @@ import os
 import click
 from click.core import ParameterSource
 
+from kernorm.distribution import STRATEGIES
 from kernorm.errors import KernormError
-from kernorm.train import TrainConfig
+from kernorm.train import PRECISIONS, TrainConfig
 
 # Quiet TensorFlow's C++ start-up banner before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,6 +31,12 @@ def main():
 
 
 _DEFAULTS = TrainConfig()
+
+
+def _device_list(ctx, param, value):
+    """`--devices "GPU:0, GPU:1"` -> ["GPU:0", "GPU:1"]; None when not given."""
+    names = [name.strip() for name in (value or "").split(",") if name.strip()]
+    return names or None
 
 
 @main.command()
@@ -57,6 +64,17 @@ _DEFAULTS = TrainConfig()
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--deterministic", is_flag=True, help="TensorFlow op determinism: identical reruns.")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard scalars into the run folder.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=_DEFAULTS.strategy, show_default=True,
+              help="tf.distribute strategy: auto (all GPUs, else the CPU), default (one device), mirrored "
+                   "(replicas on local devices), multi-worker (machines named by TF_CONFIG).")
+@click.option("--devices", callback=_device_list, help="Comma-separated devices for auto or mirrored, e.g. GPU:0,GPU:1.")
+@click.option("--cpu-replicas", type=click.IntRange(min=1), default=None,
+              help="mirrored: split the CPU into N replicas (CPU:0..N-1).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=_DEFAULTS.precision, show_default=True,
+              help="Keras dtype policy; logits, loss and the saved model stay float32.")
+@click.option("--backup-dir", default=None, help="Backup folder for resuming a killed run [default: <run folder>/backup].")
+@click.option("--backup-every", type=click.IntRange(min=1), default=None,
+              help="Back up every N steps within an epoch too [default: at each epoch's end only].")
 @click.pass_context
 def train(ctx, config_file, overwrite, **options):
     """Train the study's network on MNIST and write a run folder."""
@@ -68,7 +86,8 @@ def train(ctx, config_file, overwrite, **options):
     config = dataclasses.replace(config, **given)
     metrics = run_training(config, overwrite=overwrite)
     if metrics["interrupted"]:
-        click.echo(f"Interrupted after {metrics['epochs_completed']} epoch(s); kept in {config.run_dir}", err=True)
+        click.echo(f"Interrupted after {metrics['epochs_completed']} epoch(s); kept in {config.run_dir}; "
+                   f"run the same command again to resume", err=True)
         ctx.exit(130)
     click.echo(f"final test acc {metrics['final_test_acc']:.4f}, best {metrics['best_test_acc']:.4f} "
                f"(epoch {metrics['best_epoch']}); run folder {config.run_dir}")

@@ -6,6 +6,7 @@ The loop is a custom step under a `tf.distribute` strategy rather than
 machines alike.
 """
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 
 from kernorm.errors import KernormError
@@ -22,6 +24,7 @@ from kernorm.files import atomic_path, write_json, write_text
 STEPS_PER_CALL = 50
 EVAL_BATCH_SIZE = 1000
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclasses.dataclass
@@ -29,7 +32,8 @@ class TrainConfig:
     """Everything that defines a training run; saved as `config.json` in the run folder.
 
     Defaults are the study's set-up: SGD with constant lr 0.01 and momentum 0.9,
-    batch 128, 25 epochs, seed 1.
+    batch 128, 25 epochs, seed 1. `batch_size` is the global batch: each
+    step splits it over the strategy's replicas.
     """
 
     norm: str = "bn"
@@ -48,6 +52,12 @@ class TrainConfig:
     out: str | None = None
     deterministic: bool = False
     tensorboard: bool = False
+    strategy: str = "auto"
+    devices: list[str] | None = None
+    cpu_replicas: int | None = None
+    precision: str = "float32"
+    backup_dir: str | None = None
+    backup_every: int | None = None
 
     @property
     def run_dir(self):
@@ -56,6 +66,11 @@ class TrainConfig:
             return self.out
         parts = [self.norm] + [f"{k}_{v:g}" for k, v in (("l1", self.l1), ("l2", self.l2)) if v]
         return os.path.join("runs", "-".join(parts + [f"seed{self.seed}"]))
+
+    @property
+    def backup_path(self):
+        """The backup folder: `backup_dir`, or `backup` inside the run folder."""
+        return self.backup_dir or os.path.join(self.run_dir, "backup")
 
     def save(self, path):
         write_json(path, dataclasses.asdict(self))
@@ -71,15 +86,53 @@ class TrainConfig:
             raise KernormError(f"{path}: not a kernorm training config ({e})") from None
 
 
-def prepare_run_dir(run_dir, overwrite):
-    """Creates an empty run folder; an existing one is replaced only with `overwrite`."""
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-        if not overwrite:
-            raise KernormError(f"run folder {run_dir} already exists; pass --overwrite or choose another --out")
-        if not os.path.exists(os.path.join(run_dir, "config.json")):
+def _holds_files(folder):
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+def check_run_dir(config, overwrite):
+    """Decides whether `config` starts afresh or resumes an unfinished run; changes nothing.
+
+    A run folder that holds files is resumed when its `config.json` equals
+    `config` and its backup folder holds a backup (the run has not finished);
+    otherwise it is replaced only with `overwrite`.
+
+    Returns:
+        True to resume, False to start afresh (with `start_run_dir`).
+    """
+    from kernorm.backup import has_backup
+
+    run_dir, backup_dir = config.run_dir, config.backup_path
+    saved = os.path.join(run_dir, "config.json")
+    backed_up = has_backup(backup_dir)
+    if overwrite:
+        if _holds_files(run_dir) and not os.path.exists(saved):
             raise KernormError(f"{run_dir} is not a kernorm run folder (no config.json); refusing to overwrite it")
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+        if _holds_files(backup_dir) and not backed_up:
+            raise KernormError(f"{backup_dir} holds files but no kernorm backup; refusing to overwrite it, "
+                               f"choose another --backup-dir")
+        return False
+    if backed_up and os.path.isfile(saved):
+        previous = TrainConfig.load(saved)
+        if previous == config:
+            return True
+        changed = ", ".join(k for k, v in dataclasses.asdict(config).items() if getattr(previous, k) != v)
+        raise KernormError(f"run folder {run_dir} holds an unfinished run with other settings ({changed}); "
+                           f"resume it with --config {saved}, or pass --overwrite")
+    if _holds_files(run_dir):
+        raise KernormError(f"run folder {run_dir} already exists; pass --overwrite or choose another --out")
+    if _holds_files(backup_dir):
+        raise KernormError(f"backup folder {backup_dir} is not empty; remove it or choose another --backup-dir")
+    return False
+
+
+def start_run_dir(config):
+    """Empties the run and backup folders that `check_run_dir` let go, and writes `config.json`."""
+    for folder in (config.run_dir, config.backup_path):
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+    os.makedirs(config.run_dir, exist_ok=True)
+    config.save(os.path.join(config.run_dir, "config.json"))
 
 
 def _history_csv(history):
@@ -138,13 +191,19 @@ def make_steps(model, optimizer, strategy):
                          tf.cast(tf.size(labels), tf.float32)])
 
     def train_step(images, labels):
+        # The loss is the mean over the global batch: each replica divides its sum by the
+        # global count (a last, smaller batch may split unevenly), and the optimizer sums
+        # the replicas' gradients.
+        global_batch = tf.distribute.get_replica_context().all_reduce(
+            tf.distribute.ReduceOp.SUM, tf.shape(labels)[0])
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
+            logits = model(images, training=True)  # float32 under any precision: see build_model
             per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-            loss = tf.nn.compute_average_loss(per_example)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             if model.losses:  # the kernel regularizers' l1·Σ|w| + l2·Σw²
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        grads = tape.gradient(loss, model.trainable_variables)
+            scaled = optimizer.scale_loss(loss)  # mixed_float16's loss scaling; the loss itself otherwise
+        grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return sums(per_example, logits, labels)
 
@@ -164,70 +223,155 @@ def _epoch_row(epoch, train_totals, test_totals, lr, seconds):
             "lr": lr, "seconds": seconds}
 
 
+def _epoch_data(strategy, images, labels, config, epoch, skip):
+    """The training batches of epoch `epoch` after its first `skip`, split over the replicas.
+
+    Each epoch shuffles with its own seed, seed + epoch, so its order is the
+    same whether the run went straight through or resumed from a backup.
+    """
+    from kernorm.data import make_dataset
+
+    dataset = make_dataset(images, labels, config.batch_size, shuffle_seed=config.seed + epoch).skip(skip)
+    return strategy.experimental_distribute_dataset(dataset.with_options(_shard_by_data()))
+
+
+def _shard_by_data():
+    # Workers of multi-worker training each take their share of every batch: the
+    # arrays are in memory, there are no files to shard by.
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
 def train(config, overwrite=False, verbose=True):
     """Trains the study's network as `config` says and writes its run folder.
 
     The folder gets `config.json`, then after every epoch `history.csv`,
-    `metrics.json` and `model.keras` (the weights after that epoch), each
-    written whole or not at all. Ctrl-C stops after keeping the finished epochs.
+    `metrics.json` and `model.keras` (the weights after that epoch, float32
+    whatever the training precision), each written whole or not at all. A
+    backup after every epoch (and every `backup_every` steps) lets a killed
+    run resume: rerunning the same configuration continues from the backup,
+    which is deleted when the run finishes. Ctrl-C stops after keeping the
+    finished epochs and the backup.
+
+    Under multi-worker training every worker calls this with the same
+    `config`; only the chief writes the run folder and the backup, the others
+    write to scratch space that is removed at the end.
 
     Args:
         config: a `TrainConfig`.
-        overwrite: replace an existing run folder.
+        overwrite: replace an existing run folder, finished or not.
         verbose: print the model summary, a progress bar per epoch and test figures.
 
     Returns:
         The metrics dict also written to `metrics.json`.
     """
+    from kernorm.data import load_mnist
+    from kernorm.distribution import plan_strategy
+
+    if config.precision not in PRECISIONS:
+        raise KernormError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    plan = plan_strategy(config.strategy, config.devices, config.cpu_replicas)
+    (x_train, y_train), test = load_mnist(config.data_dir)
+    if config.limit:
+        x_train, y_train = x_train[:config.limit], y_train[:config.limit]
+    resume = check_run_dir(config, overwrite)
+    # Only the chief writes the run folder; the other workers write the same files to scratch space.
+    folder = (contextlib.nullcontext(config.run_dir) if plan.chief
+              else tempfile.TemporaryDirectory(prefix="kernorm-worker-"))
+    with folder as out:
+        return _train(config, plan, resume, out, (x_train, y_train), test, verbose)
+
+
+def _train(config, plan, resume, out, train_data, test_data, verbose):
+    """`train` in the folder `out`: the run folder, or a non-chief worker's scratch space."""
     import keras
     import tensorflow as tf
 
-    from kernorm.data import load_mnist, make_dataset
-    from kernorm.models import build_model, count_trainable
+    from kernorm.backup import Backup
+    from kernorm.data import make_dataset
+    from kernorm.distribution import make_strategy
+    from kernorm.models import build_model, count_trainable, dtype_policy
 
-    run_dir = config.run_dir
+    strategy = make_strategy(plan)  # first: some strategies must exist before TensorFlow runs anything
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    (x_train, y_train), (x_test, y_test) = load_mnist(config.data_dir)
-    if config.limit:
-        x_train, y_train = x_train[:config.limit], y_train[:config.limit]
-    model = build_model(config.norm, l1=config.l1, l2=config.l2, dropout=config.dropout,
+    (x_train, y_train), (x_test, y_test) = train_data, test_data
+    architecture = dict(norm=config.norm, l1=config.l1, l2=config.l2, dropout=config.dropout,
                         dropout_layers=config.dropout_layers, groups=config.groups)
-    prepare_run_dir(run_dir, overwrite)
-    config.save(os.path.join(run_dir, "config.json"))
+    replicas = strategy.num_replicas_in_sync
+    with strategy.scope():  # the model, optimizer and input pipeline the replicas share
+        with dtype_policy(config.precision):
+            model = build_model(**architecture, sync_bn=replicas > 1)
+        optimizer = keras.optimizers.SGD(learning_rate=config.lr, momentum=config.momentum)
+        if config.precision == "mixed_float16":  # float16 gradients underflow without loss scaling
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)
+        train_steps, evaluate = make_steps(model, optimizer, strategy)
+        test_ds = strategy.experimental_distribute_dataset(
+            make_dataset(x_test, y_test, EVAL_BATCH_SIZE).with_options(_shard_by_data()))
+    # What model.keras holds: the same network in float32, with plain BN, whatever the training set-up.
+    with dtype_policy("float32"):
+        saved_model = build_model(**architecture)
 
-    strategy = tf.distribute.get_strategy()
-    optimizer = keras.optimizers.SGD(learning_rate=config.lr, momentum=config.momentum)
-    train_steps, evaluate = make_steps(model, optimizer, strategy)
-    train_ds = strategy.experimental_distribute_dataset(
-        make_dataset(x_train, y_train, config.batch_size, shuffle_seed=config.seed))
-    test_ds = strategy.experimental_distribute_dataset(make_dataset(x_test, y_test, EVAL_BATCH_SIZE))
+    # One all-reduce: every worker must resume or none (a worker that cannot see the
+    # backup would start afresh), and no worker reads the backup before the chief
+    # has cleared an old one below.
+    agreed = float(strategy.reduce(tf.distribute.ReduceOp.MEAN,
+                                   strategy.run(lambda: tf.constant(float(resume))), axis=None))
+    if agreed not in (0.0, 1.0):
+        raise KernormError(f"the workers disagree about resuming from {config.backup_path}: put the run "
+                           f"folder (or --backup-dir) on storage that every worker shares")
+    if plan.chief and not resume:
+        start_run_dir(config)
+    backup = Backup(config.backup_path, model, optimizer,
+                    write_dir=None if plan.chief else os.path.join(out, "backup"))
+    if resume:
+        backup.restore()
+    else:
+        backup.save(0, 0, tf.zeros(3), 0.0, [])
+
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     test_steps = math.ceil(len(x_test) / EVAL_BATCH_SIZE)
+    every = config.backup_every or steps_per_epoch
     params = count_trainable(model)
-    writer = tf.summary.create_file_writer(os.path.join(run_dir, "tensorboard")) if config.tensorboard else None
+    writer = tf.summary.create_file_writer(os.path.join(out, "tensorboard")) if config.tensorboard else None
     if verbose:
         model.summary(expand_nested=True)
         print(f"Trainable parameters: {params:,}")
+        print(f"Strategy: {plan.describe()}; {replicas} replica(s), {config.batch_size} images per step in all"
+              f"{'; BN statistics synchronized across replicas' if replicas > 1 and config.norm == 'bn' else ''}"
+              f"; precision {config.precision}")
+        if resume:
+            print(f"Resuming the unfinished run in {config.run_dir} from its backup: "
+                  f"{int(backup.epoch)} epoch(s) and {int(backup.step)} step(s) done")
 
-    history, interrupted, start = [], False, time.perf_counter()
+    history, digest, interrupted, start = backup.history, None, False, time.perf_counter()
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(int(backup.epoch) + 1, config.epochs + 1):
+            # Zero, unless this epoch resumes from a backup taken within it.
+            done, totals, seconds = int(backup.step), tf.convert_to_tensor(backup.totals), float(backup.seconds)
             if verbose:
                 print(f"Epoch {epoch}/{config.epochs}")
             bar = keras.utils.Progbar(steps_per_epoch, verbose=int(verbose), stateful_metrics=["loss", "acc"])
-            iterator, totals, done, t0 = iter(train_ds), tf.zeros(3), 0, time.perf_counter()
+            iterator = iter(_epoch_data(strategy, x_train, y_train, config, epoch, skip=done))
+            t0 = time.perf_counter() - seconds
             while done < steps_per_epoch:
-                steps = min(STEPS_PER_CALL, steps_per_epoch - done)
+                steps = min(STEPS_PER_CALL, steps_per_epoch - done, every - done % every)
                 totals += train_steps(iterator, tf.constant(steps))
                 done += steps
                 bar.update(done, [("loss", float(totals[0] / totals[2])), ("acc", float(totals[1] / totals[2]))])
+                if done % every == 0 and done < steps_per_epoch:
+                    backup.save(epoch - 1, done, totals, time.perf_counter() - t0, history)
             seconds = time.perf_counter() - t0
             row = _epoch_row(epoch, totals, evaluate(iter(test_ds), tf.constant(test_steps)),
                              float(f"{optimizer.learning_rate.numpy():.6g}"), seconds)
             history.append(row)
-            _save_epoch(run_dir, model, history, params, time.perf_counter() - start)
+            digest = _save_epoch(out, model, saved_model, history, params, time.perf_counter() - start)
+            backup.save(epoch, 0, tf.zeros(3), 0.0, history)
             if writer:
                 with writer.as_default(step=epoch):
                     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
@@ -236,13 +380,22 @@ def train(config, overwrite=False, verbose=True):
                 print(f"test_loss {row['test_loss']:.4f} - test_acc {row['test_acc']:.4f} - {seconds:.1f}s")
     except KeyboardInterrupt:
         interrupted = True
+    if not interrupted:
+        backup.remove()
     metrics = summarize(history, params, time.perf_counter() - start, interrupted)
-    write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    if verbose and digest:
+        print(f"Final weights digest {digest}" + ("" if plan.chief else " (the chief wrote the run folder)"))
     return metrics
 
 
-def _save_epoch(run_dir, model, history, params, wall_time):
-    write_text(os.path.join(run_dir, "history.csv"), _history_csv(history))
-    write_json(os.path.join(run_dir, "metrics.json"), summarize(history, params, wall_time, False))
-    with atomic_path(os.path.join(run_dir, "model.keras")) as tmp:
-        model.save(tmp)
+def _save_epoch(out, model, saved_model, history, params, wall_time):
+    """Writes the epoch's history, metrics and float32 model; returns the model's weights digest."""
+    from kernorm.models import weights_digest
+
+    saved_model.set_weights(model.get_weights())
+    write_text(os.path.join(out, "history.csv"), _history_csv(history))
+    write_json(os.path.join(out, "metrics.json"), summarize(history, params, wall_time, False))
+    with atomic_path(os.path.join(out, "model.keras")) as tmp:
+        saved_model.save(tmp)
+    return weights_digest(saved_model)
