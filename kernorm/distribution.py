@@ -7,6 +7,7 @@ choice pure lets it be tested with any device list, on a machine without GPUs.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -187,14 +188,22 @@ def make_strategy(plan):
     Call it before TensorFlow runs anything else: logical CPU devices and
     MultiWorkerMirroredStrategy can only be set up at the start of a process.
     """
-    import tensorflow as tf
-
     if plan.cpu_replicas:
         split_cpu(plan.cpu_replicas)
-    if plan.kind == "multi-worker":
+    return _strategy(plan.kind, plan.devices)
+
+
+@functools.cache
+def _strategy(kind, devices):
+    # One strategy per kind and devices in a process: every MirroredStrategy numbers its
+    # collective ops from the same start, so a second one over the same devices would reuse
+    # the first one's keys for other tensors and abort ("Shape mismatch in the collective").
+    import tensorflow as tf
+
+    if kind == "multi-worker":
         return tf.distribute.MultiWorkerMirroredStrategy()  # reads TF_CONFIG
-    if plan.kind == "mirrored":
-        return tf.distribute.MirroredStrategy([f"/{d}" for d in plan.devices])
-    if plan.kind == "one-device":
-        return tf.distribute.OneDeviceStrategy(f"/{plan.devices[0]}")
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy([f"/{d}" for d in devices])
+    if kind == "one-device":
+        return tf.distribute.OneDeviceStrategy(f"/{devices[0]}")
     return tf.distribute.get_strategy()

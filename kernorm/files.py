@@ -3,6 +3,10 @@
 import contextlib
 import json
 import os
+import re
+
+# atomic_path's temporary names: ".<name>.<pid>.tmp[<suffix>]".
+_TEMPORARY = re.compile(r"^\..+\.\d+\.tmp(\.[^.]+)?$")
 
 
 @contextlib.contextmanager
@@ -32,3 +36,10 @@ def write_text(path, text):
 def write_json(path, data):
     """Writes `data` as indented JSON to `path` atomically."""
     write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def remove_leftovers(folder):
+    """Deletes the temporary files `atomic_path` leaves behind when its process is killed mid-write."""
+    for name in os.listdir(folder):
+        if _TEMPORARY.match(name):
+            os.remove(os.path.join(folder, name))

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from kernorm.errors import KernormError
-from kernorm.files import atomic_path, write_json, write_text
+from kernorm.files import atomic_path, remove_leftovers, write_json, write_text
 
 # Training steps run per call into the compiled graph: fewer Python round trips.
 STEPS_PER_CALL = 50
@@ -174,6 +174,25 @@ def _compile_runner(strategy, replica_fn):
     return run
 
 
+def agree_on_overflow(grads):
+    """Makes every replica's gradients non-finite when any replica's are.
+
+    Keras 3's LossScaleOptimizer skips a step whose loss-scaled gradients
+    overflowed, but under a strategy it judges each replica's own gradients
+    before they are summed: replicas would then take different branches and
+    their collective ops would no longer match. Adding NaN to all gradients
+    when any replica overflowed (and 0 otherwise) makes them all skip together.
+    Call it in a replica context.
+    """
+    import tensorflow as tf
+
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+    overflowed = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+    poison = tf.where(overflowed > 0, float("nan"), 0.0)
+    return [g + tf.cast(poison, g.dtype) for g in grads]
+
+
 def make_steps(model, optimizer, strategy):
     """The compiled training and evaluation graphs for `model`.
 
@@ -204,6 +223,8 @@ def make_steps(model, optimizer, strategy):
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             scaled = optimizer.scale_loss(loss)  # mixed_float16's loss scaling; the loss itself otherwise
         grads = tape.gradient(scaled, model.trainable_variables)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            grads = agree_on_overflow(grads)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return sums(per_example, logits, labels)
 
@@ -317,15 +338,17 @@ def _train(config, plan, resume, out, train_data, test_data, verbose):
     with dtype_policy("float32"):
         saved_model = build_model(**architecture)
 
-    # One all-reduce: every worker must resume or none (a worker that cannot see the
-    # backup would start afresh), and no worker reads the backup before the chief
-    # has cleared an old one below.
+    # One all-reduce, which every worker must reach: all workers resume or none (a worker
+    # that cannot see the backup would start afresh), and the chief clears an old run
+    # below only after every worker has decided from it.
     agreed = float(strategy.reduce(tf.distribute.ReduceOp.MEAN,
                                    strategy.run(lambda: tf.constant(float(resume))), axis=None))
     if agreed not in (0.0, 1.0):
         raise KernormError(f"the workers disagree about resuming from {config.backup_path}: put the run "
                            f"folder (or --backup-dir) on storage that every worker shares")
-    if plan.chief and not resume:
+    if plan.chief and resume:
+        remove_leftovers(config.run_dir)  # writes the killed process had begun
+    elif plan.chief:
         start_run_dir(config)
     backup = Backup(config.backup_path, model, optimizer,
                     write_dir=None if plan.chief else os.path.join(out, "backup"))
