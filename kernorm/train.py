@@ -324,6 +324,14 @@ def _train(config, plan, resume, out, train_data, test_data, verbose):
     architecture = dict(norm=config.norm, l1=config.l1, l2=config.l2, dropout=config.dropout,
                         dropout_layers=config.dropout_layers, groups=config.groups)
     replicas = strategy.num_replicas_in_sync
+    if config.batch_size < replicas:
+        raise KernormError(f"--batch-size {config.batch_size} is smaller than the {replicas} replicas; "
+                           f"each replica needs at least one image per step")
+    # TensorFlow fails on a replica's empty share of a batch, so a last batch of fewer
+    # images than replicas is left out (at most replicas - 1 images).
+    leftover = len(x_train) % config.batch_size
+    if leftover < replicas:
+        x_train, y_train = x_train[:len(x_train) - leftover], y_train[:len(y_train) - leftover]
     with strategy.scope():  # the model, optimizer and input pipeline the replicas share
         with dtype_policy(config.precision):
             model = build_model(**architecture, sync_bn=replicas > 1)

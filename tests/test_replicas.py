@@ -38,6 +38,7 @@ def test_mirrored_step_equals_single_replica_step(two_replicas):
     results, _ = two_replicas
     assert results["replicas"] == 2
     assert results["ln_difference"] < 1e-5
+    assert results["ln_uneven_difference"] < 1e-5  # 3 + 2 images: each replica divides by the global 5
 
 
 def test_synchronized_bn_takes_statistics_of_the_global_batch(two_replicas):
