@@ -67,12 +67,14 @@ def _device_list(ctx, param, value):
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=_DEFAULTS.strategy, show_default=True,
               help="tf.distribute strategy: auto (all GPUs, else the CPU), default (one device), mirrored "
                    "(replicas on local devices), multi-worker (machines named by TF_CONFIG).")
-@click.option("--devices", callback=_device_list, help="Comma-separated devices for auto or mirrored, e.g. GPU:0,GPU:1.")
+@click.option("--devices", callback=_device_list,
+              help="Comma-separated devices for auto or mirrored, e.g. GPU:0,GPU:1.")
 @click.option("--cpu-replicas", type=click.IntRange(min=1), default=None,
               help="mirrored: split the CPU into N replicas (CPU:0..N-1).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=_DEFAULTS.precision, show_default=True,
               help="Keras dtype policy; logits, loss and the saved model stay float32.")
-@click.option("--backup-dir", default=None, help="Backup folder for resuming a killed run [default: <run folder>/backup].")
+@click.option("--backup-dir", default=None,
+              help="Backup folder for resuming a killed run [default: <run folder>/backup].")
 @click.option("--backup-every", type=click.IntRange(min=1), default=None,
               help="Back up every N steps within an epoch too [default: at each epoch's end only].")
 @click.pass_context

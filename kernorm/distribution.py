@@ -80,7 +80,8 @@ def parse_tf_config(tf_config):
         `(cluster, task_type, task_index)`: the cluster dict of lists of
         "host:port", and this process's task.
     """
-    fix = 'set TF_CONFIG on every worker to {"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": I}}'
+    fix = ('set TF_CONFIG on every worker to '
+           '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": I}}')
     if not tf_config:
         raise KernormError(f"--strategy multi-worker needs the TF_CONFIG environment variable; {fix}")
     try:
@@ -88,7 +89,8 @@ def parse_tf_config(tf_config):
         cluster, task = config["cluster"], config["task"]
         task_type, index = task["type"], task["index"]
     except (ValueError, TypeError, KeyError) as e:
-        raise KernormError(f"TF_CONFIG is not a cluster and task description ({type(e).__name__}: {e}); {fix}") from None
+        raise KernormError(f"TF_CONFIG is not a cluster and task description ({type(e).__name__}: {e}); "
+                           f"{fix}") from None
     if not isinstance(cluster, dict) or not cluster:
         raise KernormError(f"TF_CONFIG's cluster must map task types to lists of addresses; {fix}")
     for kind, addresses in cluster.items():

@@ -373,9 +373,10 @@ def _train(config, plan, resume, out, train_data, test_data, verbose):
     if verbose:
         model.summary(expand_nested=True)
         print(f"Trainable parameters: {params:,}")
+        synchronized = replicas > 1 and config.norm == "bn"
         print(f"Strategy: {plan.describe()}; {replicas} replica(s), {config.batch_size} images per step in all"
-              f"{'; BN statistics synchronized across replicas' if replicas > 1 and config.norm == 'bn' else ''}"
-              f"; precision {config.precision}")
+              + ("; BN statistics synchronized across replicas" if synchronized else "")
+              + f"; precision {config.precision}")
         if resume:
             print(f"Resuming the unfinished run in {config.run_dir} from its backup: "
                   f"{int(backup.epoch)} epoch(s) and {int(backup.step)} step(s) done")

@@ -3,8 +3,9 @@
 Usage: python tests/two_replicas.py OUT_DIR. Takes one SGD step of the study's network (LN, and BN
 with and without synchronized statistics) on one fixed global batch of MNIST under MirroredStrategy
 over two CPU replicas, and the same step under the default strategy (one replica), from the same
-initial weights (and LN on 5 images, split unevenly); then trains short runs with `--strategy mirrored
---cpu-replicas 2` (float32 and mixed_float16) through `kernorm.train`. Prints one JSON object for tests/test_replicas.py.
+initial weights (and LN on 5 images, split unevenly); then trains short runs with
+`--strategy mirrored --cpu-replicas 2` (float32 and mixed_float16) through `kernorm.train`.
+Prints one JSON object for tests/test_replicas.py.
 """
 
 import json
