@@ -190,8 +190,12 @@ def make_strategy(plan):
     Call it before TensorFlow runs anything else: logical CPU devices and
     MultiWorkerMirroredStrategy can only be set up at the start of a process.
     """
+    import tensorflow as tf
+
     if plan.cpu_replicas:
         split_cpu(plan.cpu_replicas)
+    if plan.kind == "default":
+        return tf.distribute.get_strategy()
     return _strategy(plan.kind, plan.devices)
 
 
@@ -206,6 +210,4 @@ def _strategy(kind, devices):
         return tf.distribute.MultiWorkerMirroredStrategy()  # reads TF_CONFIG
     if kind == "mirrored":
         return tf.distribute.MirroredStrategy([f"/{d}" for d in devices])
-    if kind == "one-device":
-        return tf.distribute.OneDeviceStrategy(f"/{devices[0]}")
-    return tf.distribute.get_strategy()
+    return tf.distribute.OneDeviceStrategy(f"/{devices[0]}")
