@@ -2,86 +2,17 @@
 
 The study (PyTorch) built every layer as conv -> activation -> norm -> dropout.
 These factories keep that order and its semantics; a norm is picked by a short
-name from `NORMS`, so adding one is one entry there.
+name from `kernorm.norms.NORMS`, so adding one is one entry there.
 """
 
 import keras
 from keras import layers
 
 from kernorm.errors import KernormError
-
-# PyTorch's defaults, which the study trained with: eps 1e-5, and BatchNorm2d's
-# momentum 0.1 is Keras's 0.9 (Keras weighs the old moving value, PyTorch the new).
-EPSILON = 1e-5
-BN_MOMENTUM = 0.9
+from kernorm.norms import create_norm_layer
 
 # PyTorch's default initialisation of conv and linear weights: U(±1/sqrt(fan_in)).
 TORCH_INIT = {"scale": 1 / 3, "mode": "fan_in", "distribution": "uniform"}
-
-
-@keras.saving.register_keras_serializable(package="kernorm")
-class LayerNorm(layers.GroupNormalization):
-    """Layer normalization of a feature map, as PyTorch's `GroupNorm(1, C)`.
-
-    Each sample is normalized with one mean and variance taken over all of
-    H×W×C, then scaled and shifted per channel (2·C weights). Keras's own
-    `LayerNormalization(axis=-1)` normalizes each pixel over its channels
-    only, which is a different operation.
-
-    Args:
-        epsilon: added to the variance before the square root.
-        **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`).
-
-    Input shape: `(batch, height, width, channels)`. Output shape: the same.
-    """
-
-    def __init__(self, epsilon=EPSILON, **kwargs):
-        kwargs.pop("groups", None)  # fixed at 1; present in saved configs
-        super().__init__(groups=1, epsilon=epsilon, **kwargs)
-
-
-def _batch_norm(channels, groups, sync_bn):
-    return layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=EPSILON, synchronized=sync_bn)
-
-
-def _layer_norm(channels, groups, sync_bn):
-    return LayerNorm()
-
-
-def _group_norm(channels, groups, sync_bn):
-    if groups < 1 or channels % groups:
-        raise KernormError(
-            f"group norm: groups={groups} does not divide {channels} channels; "
-            f"pick a divisor of {channels} with --groups"
-        )
-    return layers.GroupNormalization(groups=groups, epsilon=EPSILON)
-
-
-# name -> factory(channels, groups, sync_bn) -> layer. "none" adds no layer. LN and GN
-# normalize each sample on its own, so only BN has batch statistics to synchronize.
-NORMS = {"bn": _batch_norm, "ln": _layer_norm, "gn": _group_norm, "none": None}
-
-
-def create_norm_layer(norm, channels, groups=2, sync_bn=False):
-    """Creates the normalization layer registered under `norm`.
-
-    Args:
-        norm: a key of `NORMS` ("bn", "ln", "gn", "none") or None.
-        channels: channel count of the feature map it will normalize.
-        groups: number of channel groups, used by "gn" only.
-        sync_bn: "bn" takes its batch statistics over the batches of all
-            replicas of a `tf.distribute` strategy (Keras's
-            `BatchNormalization(synchronized=True)`), not over each replica's
-            share alone. Other norms ignore it.
-
-    Returns:
-        A Keras layer, or None for no normalization.
-    """
-    key = "none" if norm is None else str(norm).lower()
-    if key not in NORMS:
-        raise KernormError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
-    factory = NORMS[key]
-    return factory(channels, groups, sync_bn) if factory else None
 
 
 def kernel_regularizer(l1, l2):
@@ -98,7 +29,7 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
         padding: "valid" (the study's, no padding) or "same".
         use_bias: whether the convolution has a bias.
         activation: a Keras activation name or callable, applied before the norm.
-        norm: normalization name from `NORMS`, or None.
+        norm: normalization name from `kernorm.norms.NORMS`, or None.
         groups: channel groups for "gn".
         dropout: dropout rate after the norm, or None for no dropout.
         sync_bn: synchronized batch statistics across replicas for "bn"

@@ -42,7 +42,7 @@ def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", 
         dropout_layers: "last" (one Dropout per block) or "all" (after every conv layer).
         groups: channel groups for "gn".
         sync_bn: "bn" synchronizes its batch statistics across the replicas of
-            a `tf.distribute` strategy (see `kernorm.layers.create_norm_layer`).
+            a `tf.distribute` strategy (see `kernorm.norms.create_norm_layer`).
 
     The layers take Keras's global dtype policy (e.g. "mixed_bfloat16"),
     except the logits layer, which always computes in float32 so that the

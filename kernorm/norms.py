@@ -1,0 +1,187 @@
+"""The normalization layers kernorm uses, and the registry that picks one by name.
+
+`BatchNorm`, `GroupNorm` and `LayerNorm` are Keras's own layers (same weights,
+same config, same inference path) with a cheaper training computation: one
+pass for the sums, one for the output, and a hand-written gradient. Keras's
+versions differentiate every broadcast and moment op separately, and those
+element-wise passes cost more than the convolutions in the study's network.
+"""
+
+import keras
+from keras import layers
+
+from kernorm.errors import KernormError
+
+# PyTorch's defaults, which the study trained with: eps 1e-5, and BatchNorm2d's
+# momentum 0.1 is Keras's 0.9 (Keras weighs the old moving value, PyTorch the new).
+EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def normalize_groups(x, gamma, beta, groups, epsilon):
+    """Normalizes `x` with statistics per row and channel group, then scales and shifts per channel.
+
+    Computes `(x − mean) / sqrt(var + epsilon) · gamma + beta`, where mean and
+    (population) variance are taken over axis 1 and the channels of a group,
+    separately for every index of axis 0.
+
+    Args:
+        x: `(rows, positions, channels)`. Batch norm passes `(1, N·H·W, C)` with
+            `groups=C`; group norm passes `(N, H·W, C)`.
+        gamma, beta: `(channels,)` scale and offset.
+        groups: number of channel groups; must divide the channel count.
+        epsilon: added to the variance.
+
+    Returns:
+        `(y, mean, variance)`: `y` shaped and typed like `x`; mean and variance
+        `(rows, groups)` in float32, without gradient (they feed moving statistics).
+    """
+    import tensorflow as tf
+
+    channels = x.shape[-1]
+    per_group = channels // groups
+    count = tf.cast(tf.shape(x)[1] * per_group, tf.float32)
+
+    def group_sum(t):  # (rows, channels) -> (rows, groups)
+        return tf.reduce_sum(tf.reshape(t, (-1, groups, per_group)), -1)
+
+    def spread(t):  # (rows, groups) -> (rows, channels)
+        return tf.reshape(tf.repeat(t[:, :, None], per_group, axis=2), (-1, channels))
+
+    @tf.custom_gradient
+    def forward(x, gamma, beta):
+        mean = group_sum(tf.reduce_sum(x, 1)) / count
+        var = tf.maximum(group_sum(tf.reduce_sum(tf.square(x), 1)) / count - tf.square(mean), 0.0)
+        inv = tf.math.rsqrt(var + epsilon)
+        scale = gamma * spread(inv)
+        shift = beta - spread(mean) * scale
+        y = x * scale[:, None] + shift[:, None]
+
+        def backward(dy, *_):
+            # With x̂ = (x − m)·inv and g = dy·γ: dx = inv·(g − mean(g) − x̂·mean(g·x̂)),
+            # which is dy·scale + x·a + b with a, b constant per row and group.
+            dy_sum = tf.reduce_sum(dy, 1)
+            dy_centred = tf.reduce_sum(dy * x, 1) - spread(mean) * dy_sum  # Σ dy·(x − m)
+            mean_g = group_sum(gamma * dy_sum) / count
+            mean_gx = inv * group_sum(gamma * dy_centred) / count
+            a = spread(-tf.square(inv) * mean_gx)
+            b = spread(-inv * mean_g + tf.square(inv) * mean * mean_gx)
+            dx = dy * scale[:, None] + (x * a[:, None] + b[:, None])
+            return dx, tf.reduce_sum(spread(inv) * dy_centred, 0), tf.reduce_sum(dy_sum, 0)
+
+        return (y, mean, var), backward
+
+    f32 = tf.float32
+    y, mean, var = forward(tf.cast(x, f32), tf.cast(gamma, f32), tf.cast(beta, f32))
+    return tf.cast(y, x.dtype), mean, var
+
+
+@keras.saving.register_keras_serializable(package="kernorm")
+class BatchNorm(layers.BatchNormalization):
+    """Keras's `BatchNormalization`, trained with `normalize_groups`.
+
+    Per channel, normalizes over batch, height and width with the batch's
+    statistics in training, with the moving ones in inference; the moving
+    statistics follow `momentum` as in Keras. `synchronized=True` (statistics
+    over all replicas) trains with Keras's own computation.
+
+    Input shape: `(batch, height, width, channels)`. Output shape: the same.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not training or self.synchronized:
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        channels = inputs.shape[-1]
+        y, mean, var = normalize_groups(tf.reshape(inputs, (1, -1, channels)), self.gamma.value,
+                                        self.beta.value, channels, self.epsilon)
+        for moving, batch in ((self.moving_mean, mean[0]), (self.moving_variance, var[0])):
+            moving.assign(moving * self.momentum + batch * (1 - self.momentum))
+        return tf.reshape(y, tf.shape(inputs))
+
+
+@keras.saving.register_keras_serializable(package="kernorm")
+class GroupNorm(layers.GroupNormalization):
+    """Keras's `GroupNormalization`, trained with `normalize_groups`.
+
+    Each sample is normalized with one mean and variance per group of
+    `channels / groups` channels over height and width, then scaled and shifted
+    per channel, as PyTorch's `GroupNorm(groups, C)`.
+
+    Input shape: `(batch, height, width, channels)`. Output shape: the same.
+    """
+
+    def call(self, inputs, training=None):
+        if not training:
+            return super().call(inputs)
+        import tensorflow as tf
+
+        y, _, _ = normalize_groups(tf.reshape(inputs, (tf.shape(inputs)[0], -1, inputs.shape[-1])),
+                                   self.gamma.value, self.beta.value, self.groups, self.epsilon)
+        return tf.reshape(y, tf.shape(inputs))
+
+
+@keras.saving.register_keras_serializable(package="kernorm")
+class LayerNorm(GroupNorm):
+    """Layer normalization of a feature map, as PyTorch's `GroupNorm(1, C)`.
+
+    Each sample is normalized with one mean and variance taken over all of
+    H×W×C, then scaled and shifted per channel (2·C weights). Keras's own
+    `LayerNormalization(axis=-1)` normalizes each pixel over its channels
+    only, which is a different operation.
+
+    Args:
+        epsilon: added to the variance before the square root.
+        **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`).
+
+    Input shape: `(batch, height, width, channels)`. Output shape: the same.
+    """
+
+    def __init__(self, epsilon=EPSILON, **kwargs):
+        kwargs.pop("groups", None)  # fixed at 1; present in saved configs
+        super().__init__(groups=1, epsilon=epsilon, **kwargs)
+
+
+def _batch_norm(channels, groups, sync_bn):
+    return BatchNorm(momentum=BN_MOMENTUM, epsilon=EPSILON, synchronized=sync_bn)
+
+
+def _layer_norm(channels, groups, sync_bn):
+    return LayerNorm()
+
+
+def _group_norm(channels, groups, sync_bn):
+    if groups < 1 or channels % groups:
+        raise KernormError(
+            f"group norm: groups={groups} does not divide {channels} channels; "
+            f"pick a divisor of {channels} with --groups"
+        )
+    return GroupNorm(groups=groups, epsilon=EPSILON)
+
+
+# name -> factory(channels, groups, sync_bn) -> layer. "none" adds no layer. LN and GN
+# normalize each sample on its own, so only BN has batch statistics to synchronize.
+NORMS = {"bn": _batch_norm, "ln": _layer_norm, "gn": _group_norm, "none": None}
+
+
+def create_norm_layer(norm, channels, groups=2, sync_bn=False):
+    """Creates the normalization layer registered under `norm`.
+
+    Args:
+        norm: a key of `NORMS` ("bn", "ln", "gn", "none") or None.
+        channels: channel count of the feature map it will normalize.
+        groups: number of channel groups, used by "gn" only.
+        sync_bn: "bn" takes its batch statistics over the batches of all
+            replicas of a `tf.distribute` strategy (Keras's
+            `BatchNormalization(synchronized=True)`), not over each replica's
+            share alone. Other norms ignore it.
+
+    Returns:
+        A Keras layer, or None for no normalization.
+    """
+    key = "none" if norm is None else str(norm).lower()
+    if key not in NORMS:
+        raise KernormError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    factory = NORMS[key]
+    return factory(channels, groups, sync_bn) if factory else None

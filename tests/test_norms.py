@@ -1,0 +1,90 @@
+"""The norm layers' arithmetic against NumPy, and their hand-written gradients against Keras's own layers."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import layers
+
+from kernorm.norms import BatchNorm, GroupNorm, LayerNorm, create_norm_layer
+
+
+def feature_maps(seed=0, shape=(4, 5, 5, 6)):
+    rng = np.random.default_rng(seed)
+    return (np.maximum(rng.normal(size=shape), 0) * 3 + 1).astype("float32")  # post-ReLU-like, mean far from 0
+
+
+def with_affine(layer, x, seed=1):
+    """Builds `layer` on `x`, sets random γ/β, returns (γ, β)."""
+    layer.build(x.shape)
+    rng = np.random.default_rng(seed)
+    gamma, beta = rng.normal(size=x.shape[-1]), rng.normal(size=x.shape[-1])
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    return gamma, beta
+
+
+def numpy_group_norm(x, groups):
+    n, h, w, c = x.shape
+    grouped = x.reshape(n, h, w, groups, c // groups)
+    mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+    var = grouped.var(axis=(1, 2, 4), keepdims=True)
+    return ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+
+
+def test_batch_norm_training_and_inference_match_numpy():
+    x = feature_maps()
+    layer = create_norm_layer("bn", 6)
+    gamma, beta = with_affine(layer, x)
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    expected = (x - mean) / np.sqrt(var + 1e-5) * gamma + beta
+    np.testing.assert_allclose(layer(x, training=True), expected, atol=1e-5)
+    # moving statistics after one step: 0.9 · old + 0.1 · batch (PyTorch's momentum 0.1)
+    np.testing.assert_allclose(layer.moving_mean, 0.1 * mean, atol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance, 0.9 + 0.1 * var, atol=1e-5)
+    moving = (x - 0.1 * mean) / np.sqrt(0.9 + 0.1 * var + 1e-5) * gamma + beta
+    np.testing.assert_allclose(layer(x, training=False), moving, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_norm_uses_all_of_hwc_per_sample(training):
+    x = feature_maps()
+    layer = create_norm_layer("ln", 6)
+    gamma, beta = with_affine(layer, x)
+    expected = numpy_group_norm(x, 1)
+    np.testing.assert_allclose(layer(x, training=training), expected * gamma + beta, atol=1e-5)
+    # Keras's LayerNormalization(axis=-1) normalizes per pixel: a different operation.
+    per_pixel = layers.LayerNormalization(axis=-1, epsilon=1e-5)(x)
+    assert np.abs(np.asarray(per_pixel) - expected).max() > 0.1
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_group_norm_with_two_groups(training):
+    x = feature_maps()
+    layer = create_norm_layer("gn", 6, groups=2)
+    gamma, beta = with_affine(layer, x)
+    np.testing.assert_allclose(layer(x, training=training), numpy_group_norm(x, 2) * gamma + beta, atol=1e-5)
+
+
+@pytest.mark.parametrize("ours, keras_layer", [
+    (lambda: BatchNorm(momentum=0.9, epsilon=1e-5), lambda: layers.BatchNormalization(momentum=0.9, epsilon=1e-5)),
+    (lambda: GroupNorm(groups=2, epsilon=1e-5), lambda: layers.GroupNormalization(groups=2, epsilon=1e-5)),
+    (lambda: LayerNorm(), lambda: layers.GroupNormalization(groups=1, epsilon=1e-5)),
+], ids=["bn", "gn", "ln"])
+def test_training_gradients_equal_keras_layers(ours, keras_layer):
+    x = tf.constant(feature_maps(shape=(8, 6, 6, 10)))
+    weights = tf.constant(np.random.default_rng(2).normal(size=x.shape).astype("float32"))
+    grads = []
+    for layer in (ours(), keras_layer()):
+        with_affine(layer, x.numpy())
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) * weights)
+        grads.append(tape.gradient(loss, [x, layer.gamma.value, layer.beta.value]))
+    for mine, theirs in zip(*grads):
+        np.testing.assert_allclose(mine, theirs, atol=2e-5)
+
+
+def test_layer_norm_round_trips_through_its_config():
+    layer = LayerNorm(name="ln_a")
+    clone = LayerNorm.from_config(layer.get_config())
+    assert clone.groups == 1 and clone.epsilon == 1e-5 and clone.name == "ln_a"
