@@ -2,6 +2,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 
 import keras
@@ -149,3 +150,15 @@ def test_values_file_must_be_rectangular(tmp_path):
     path.write_text(json.dumps({"activations": ACTIVATIONS, "weights": [[1, 0], [0, 1]]}))
     with pytest.raises(KernormError, match=r"weights have shape \(2, 2\), expected \(4, 4\)"):
         nc.read_values(str(path))
+
+
+def test_the_docs_embed_the_current_worked_example():
+    docs = open(os.path.join(os.path.dirname(__file__), "..", "docs", "normalization.md")).read()
+    embedded = re.search(r"<!-- normcalc: begin.*?-->\n\n(.*)\n<!-- normcalc: end -->", docs, re.S).group(1)
+    result = CliRunner().invoke(main, ["normcalc", "--format", "markdown"])
+    assert result.exit_code == 0, result.output
+
+    def steady(text):  # the float32 round-off Keras leaves differs between machines
+        return re.sub(r"largest difference \S+\)", "largest difference …)", text)
+
+    assert steady(embedded) == steady(result.output)
