@@ -75,17 +75,15 @@ def train(ctx, config_file, overwrite, **options):
                f"(epoch {metrics['best_epoch']}); run folder {config.run_dir}")
 
 
-
-_DATA_DIR = click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
-                         help="Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR].")
 _RUN = click.Path(exists=True, file_okay=False)
 
 
 @main.command()
 @click.option("--epochs", type=click.IntRange(min=1), default=ReproduceConfig.epochs, show_default=True)
-@click.option("--out", default=ReproduceConfig.out, show_default=True,
+@click.option("--out", type=click.Path(file_okay=False), default=ReproduceConfig.out, show_default=True,
               help="Report folder; the run folders go to OUT/runs/<experiment>.")
-@_DATA_DIR
+@click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
+              help="Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
 @click.pass_context
 def reproduce(ctx, **options):
