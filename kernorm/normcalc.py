@@ -280,7 +280,7 @@ def _statistics(step):
 
 
 NORMALIZED = f"normalized = (x − mean) / √(variance + {EPSILON:g}); γ = 1 and β = 0, their initial values"
-MEAN_VARIANCE = "mean = Σx / n; variance = Σ(x − mean)² / n (the population variance)"
+MEAN_VARIANCE = "mean = Σx / n and variance = Σ(x − mean)² / n, the population variance"
 
 
 def _intro(calculations, activations, weights):
@@ -311,7 +311,7 @@ def format_text(calculations, activations, weights):
             out += ["", heading, "-" * len(heading)]
             if index:
                 out += ["Input:", grid(step.inputs), ""]
-            out += [f"Statistics ({MEAN_VARIANCE}):"]
+            out += [f"Statistics: {MEAN_VARIANCE}."]
             for label, values, n, total, mean, squares, var in _statistics(step):
                 out += [f"  {label}: {', '.join(number(v) for v in values)}",
                         f"      n = {n}, mean = {number(total)} / {n} = {mean:.4f}, "

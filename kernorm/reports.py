@@ -107,7 +107,6 @@ def draw_curves(runs):
         A `Figure` of `CURVES_SIZE` inches.
     """
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
 
     fig = _figure(CURVES_SIZE)
     axes = fig.subplots(2, 2, sharex=True)
@@ -129,13 +128,18 @@ def draw_curves(runs):
         ax.set_title(title, fontsize=13)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xticks(_epoch_ticks(max(row["epoch"] for run in runs for row in run.history)))
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     fig.suptitle("Learning curves", fontsize=15)
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=10,
                frameon=False)
     return fig
+
+
+def _epoch_ticks(last):
+    """Epoch 1, then every 5th (every epoch for short runs): epochs count from 1, not 0."""
+    return list(range(1, last + 1)) if last <= 10 else [1] + list(range(5, last + 1, 5))
 
 
 def predict_probs(model, images):
