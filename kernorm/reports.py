@@ -39,9 +39,9 @@ class Run:
     @property
     def label(self):
         """The study's way of naming an experiment: "BN + L1 + L2", "LN + L2", "GN + L1"."""
-        parts = [self.config.norm.upper()] + [name for name, v in (("L1", self.config.l1),
-                                                                    ("L2", self.config.l2)) if v]
-        return " + ".join(parts)
+        norm = self.config.norm
+        penalties = [name for name, v in (("L1", self.config.l1), ("L2", self.config.l2)) if v]
+        return " + ".join(["no norm" if norm in (None, "none") else norm.upper()] + penalties)
 
 
 def load_run(path):
