@@ -159,14 +159,14 @@ def normcalc(batch, channels, size, groups, seed, values_file, fmt):
     """
     from kernorm import normcalc as calc
 
+    drawing = {k: v for k, v in dict(batch=batch, channels=channels, size=size, seed=seed).items() if v is not None}
     if values_file:
-        given = [name for name, v in (("--batch", batch), ("--channels", channels), ("--size", size),
-                                      ("--seed", seed)) if v is not None]
-        if given:
-            raise KernormError(f"{', '.join(given)} cannot go with --values: the file fixes the values and shape")
+        if drawing:
+            raise KernormError(f"{', '.join('--' + k for k in drawing)} cannot go with --values: "
+                               f"the file fixes the values and their shape")
         activations, weights = calc.read_values(values_file)
     else:
-        activations, weights = calc.draw_values(batch or 4, channels or 4, size or 2, 1 if seed is None else seed)
+        activations, weights = calc.draw_values(**drawing)
     try:
         calculations = calc.normcalc(activations, weights, groups)
     except calc.CrossCheckError as e:

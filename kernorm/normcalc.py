@@ -36,7 +36,6 @@ NORMS = ("bn", "ln", "gn")
 TITLES = {"bn": "Batch normalization (BN)", "ln": "Layer normalization (LN)", "gn": "Group normalization (GN)"}
 DRAW_LOW, DRAW_HIGH = -3, 3  # the study's sheet drew integers in [-3, 3]
 TOLERANCE = 1e-5
-FORMATS = ("text", "markdown", "csv")
 
 
 class CrossCheckError(RuntimeError):
