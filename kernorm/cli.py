@@ -8,6 +8,7 @@ from click.core import ParameterSource
 
 from kernorm.distribution import STRATEGIES
 from kernorm.errors import KernormError
+from kernorm.study import ReproduceConfig
 from kernorm.train import PRECISIONS, TrainConfig
 
 # Quiet TensorFlow's C++ start-up banner before anything imports it.
@@ -93,3 +94,102 @@ def train(ctx, config_file, overwrite, **options):
         ctx.exit(130)
     click.echo(f"final test acc {metrics['final_test_acc']:.4f}, best {metrics['best_test_acc']:.4f} "
                f"(epoch {metrics['best_epoch']}); run folder {config.run_dir}")
+
+
+_RUN = click.Path(exists=True, file_okay=False)
+
+
+@main.command()
+@click.option("--epochs", type=click.IntRange(min=1), default=ReproduceConfig.epochs, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=ReproduceConfig.out, show_default=True,
+              help="Report folder; the run folders go to OUT/runs/<experiment>.")
+@click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
+              help="Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR].")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
+@click.pass_context
+def reproduce(ctx, **options):
+    """Run the study's three experiments (BN + L1 + L2, LN + L2, GN + L1) and write its report.
+
+    Finished run folders already in OUT/runs with the same configuration are reused.
+    """
+    from kernorm.reports import results_markdown
+    from kernorm.study import reproduce as run_study
+
+    config = ReproduceConfig(**options)
+    try:
+        rows = run_study(config)
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted; finished runs are kept in {config.out}: run the same command to go on", err=True)
+        ctx.exit(130)
+    click.echo(results_markdown(rows) + f"\nReport written to {config.out}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=_RUN)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Figure file (.png, .pdf, .svg).")
+def plot(runs, out):
+    """Plot the learning curves of one or more run folders into one figure."""
+    from kernorm import reports
+
+    reports.save_figure(reports.draw_curves([reports.load_run(run) for run in runs]), out)
+    click.echo(f"Curves written to {out}")
+
+
+@main.command()
+@click.argument("run", type=_RUN)
+@click.option("--count", type=click.IntRange(min=1), default=20, show_default=True, help="Images to show.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Figure file (.png, .pdf, .svg).")
+@click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
+              help="Folder with the MNIST IDX files [env: KERNORM_DATA_DIR; default: the run's own].")
+def gallery(run, count, out, data_dir):
+    """Show the first COUNT test images that RUN's model gets wrong, captioned."""
+    from kernorm import reports
+    from kernorm.data import load_mnist
+    from kernorm.models import load_model
+
+    loaded = reports.load_run(run)
+    _, (x_test, y_test) = load_mnist(data_dir or loaded.config.data_dir)
+    probs = reports.predict_probs(load_model(os.path.join(run, "model.keras")), x_test)
+    title = f"{loaded.label}, after epoch {loaded.metrics['epochs_completed']}"
+    reports.save_figure(reports.draw_gallery(x_test, y_test, probs, count, title=title), out)
+    click.echo(f"Gallery written to {out}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=_RUN)
+def compare(runs):
+    """Print a markdown table of the runs' parameters, accuracies and speed."""
+    from kernorm import reports
+
+    click.echo(reports.results_markdown([reports.summarize_run(reports.load_run(run)) for run in runs]), nl=False)
+
+
+@main.command()
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="Images in the batch [default: 4].")
+@click.option("--channels", type=click.IntRange(min=1), default=None, help="Channels per image [default: 4].")
+@click.option("--size", type=click.IntRange(min=1), default=None, help="Image height and width [default: 2].")
+@click.option("--groups", type=click.IntRange(min=1), default=2, show_default=True, help="Channel groups for GN.")
+@click.option("--seed", type=int, default=None, help="Seed of the drawn integers [default: 1].")
+@click.option("--values", "values_file", type=click.Path(dir_okay=False),
+              help='JSON {"activations": [image][channel][row][col], "weights": [out][in]} instead of drawn values.')
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv"]), default="text", show_default=True)
+def normcalc(batch, channels, size, groups, seed, values_file, fmt):
+    """Work BN, LN and GN out number by number on a small batch, for two successive layers.
+
+    Every number is also computed by kernorm's Keras layers; a difference above 1e-5 is an error.
+    """
+    from kernorm import normcalc as calc
+
+    drawing = {k: v for k, v in dict(batch=batch, channels=channels, size=size, seed=seed).items() if v is not None}
+    if values_file:
+        if drawing:
+            raise KernormError(f"{', '.join('--' + k for k in drawing)} cannot go with --values: "
+                               f"the file fixes the values and their shape")
+        activations, weights = calc.read_values(values_file)
+    else:
+        activations, weights = calc.draw_values(**drawing)
+    try:
+        calculations = calc.normcalc(activations, weights, groups)
+    except calc.CrossCheckError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(calc.FORMATTERS[fmt](calculations, activations, weights), nl=False)

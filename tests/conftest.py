@@ -22,3 +22,17 @@ def mnist(data_dir):
     from kernorm.data import load_mnist
 
     return load_mnist(data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory, data_dir):
+    """`kernorm reproduce` on 512 training images for 2 epochs: (report folder, CLI output)."""
+    from click.testing import CliRunner
+
+    from kernorm.cli import main
+
+    out = str(tmp_path_factory.mktemp("study") / "report")
+    result = CliRunner().invoke(main, ["reproduce", "--epochs", "2", "--limit", "512", "--data-dir", data_dir,
+                                       "--out", out])
+    assert result.exit_code == 0, result.output
+    return out, result.output

@@ -1,0 +1,279 @@
+"""Reports on run folders: learning curves, misclassified galleries, confusion matrices, results tables.
+
+Figures are drawn on matplotlib `Figure` objects and saved through the Agg
+canvas, never through pyplot: nothing needs a display, and no global figure
+state is left behind. Each `draw_*` function returns a `Figure` (so tests can
+read what it shows); `save_figure` writes it whole or not at all.
+"""
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernorm.errors import KernormError
+from kernorm.files import atomic_path
+from kernorm.train import TrainConfig
+
+DPI = 100
+CURVES_SIZE = (12, 8)  # inches; 1200×800 px at DPI
+CONFUSION_SIZE = (7, 6.4)  # 700×640 px
+GALLERY_COLUMNS = 5
+GALLERY_CELL = (2.0, 2.3)  # inches per image and its caption
+GALLERY_TITLE = 0.6  # inches above the images
+CLASSES = 10
+
+
+@dataclass
+class Run:
+    """A run folder as written by `kernorm.train.train`."""
+
+    path: str
+    config: TrainConfig
+    history: list
+    metrics: dict
+
+    @property
+    def label(self):
+        """The study's way of naming an experiment: "BN + L1 + L2", "LN + L2", "GN + L1"."""
+        norm = self.config.norm
+        penalties = [name for name, v in (("L1", self.config.l1), ("L2", self.config.l2)) if v]
+        return " + ".join(["no norm" if norm in (None, "none") else norm.upper()] + penalties)
+
+
+def load_run(path):
+    """Reads a run folder's `config.json`, `history.csv` and `metrics.json` into a `Run`."""
+    files = {name: os.path.join(path, name) for name in ("config.json", "history.csv", "metrics.json")}
+    for name, file in files.items():
+        if not os.path.isfile(file):
+            raise KernormError(f"{path} is not a finished kernorm run folder (no {name}); "
+                               f"pass a folder written by kernorm train")
+    config = TrainConfig.load(files["config.json"])
+    try:
+        with open(files["history.csv"]) as f:
+            history = [{key: (int(v) if key == "epoch" else float(v)) for key, v in row.items()}
+                       for row in csv.DictReader(f)]
+        with open(files["metrics.json"]) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError, TypeError) as e:
+        raise KernormError(f"{path}: unreadable history.csv or metrics.json ({e}); train the run again") from None
+    if not history:
+        raise KernormError(f"{path}: no finished epoch in history.csv; train the run again")
+    return Run(path, config, history, metrics)
+
+
+def run_labels(runs):
+    """One legend label per run: its experiment label, or its folder name where labels repeat."""
+    labels = [run.label for run in runs]
+    return [label if labels.count(label) == 1 else f"{label} ({os.path.basename(os.path.normpath(run.path))})"
+            for label, run in zip(labels, runs)]
+
+
+def save_figure(fig, path):
+    """Writes `fig` to `path` (format from its suffix: .png, .pdf, .svg, ...), atomically."""
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise KernormError(f"{path}: cannot write a figure as {fmt or 'a file without suffix'}; "
+                           f"name it .png, .pdf or .svg")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format=fmt)
+
+
+def _figure(size):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, dpi=DPI, layout="constrained")
+
+
+# (history column, panel title, y label, shown in percent)
+PANELS = [("train_loss", "Train loss", "cross-entropy", False), ("test_loss", "Test loss", "cross-entropy", False),
+          ("train_acc", "Train accuracy", "accuracy (%)", True), ("test_acc", "Test accuracy", "accuracy (%)", True)]
+
+
+def draw_curves(runs):
+    """Four panels (train loss, test loss, train accuracy, test accuracy), one line per run.
+
+    Each run's best test epoch is marked with a star on the two test panels,
+    and its best test accuracy is given in the legend.
+
+    Args:
+        runs: a list of `Run`s.
+
+    Returns:
+        A `Figure` of `CURVES_SIZE` inches.
+    """
+    from matplotlib.lines import Line2D
+
+    fig = _figure(CURVES_SIZE)
+    axes = fig.subplots(2, 2, sharex=True)
+    handles = []
+    for run, label in zip(runs, run_labels(runs)):
+        epochs = [row["epoch"] for row in run.history]
+        best, best_acc = run.metrics["best_epoch"], run.metrics["best_test_acc"]
+        for ax, (key, _, _, percent) in zip(axes.flat, PANELS):
+            values = [row[key] * (100 if percent else 1) for row in run.history]
+            line, = ax.plot(epochs, values, marker="o", markersize=3, linewidth=1.6,
+                            label=f"{label}: best test {100 * best_acc:.2f} % (epoch {best})")
+            if key.startswith("test") and best in epochs:
+                ax.plot(best, values[epochs.index(best)], marker="*", markersize=15, color=line.get_color(),
+                        markeredgecolor="black", linestyle="none")
+        handles.append(line)
+    handles.append(Line2D([], [], marker="*", markersize=15, color="white", markeredgecolor="black",
+                          linestyle="none", label="best test epoch"))
+    for ax, (_, title, ylabel, _) in zip(axes.flat, PANELS):
+        ax.set_title(title, fontsize=13)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.set_xticks(_epoch_ticks(max(row["epoch"] for run in runs for row in run.history)))
+    for ax in axes[1]:
+        ax.set_xlabel("epoch")
+    fig.suptitle("Learning curves", fontsize=15)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=10,
+               frameon=False)
+    return fig
+
+
+def _epoch_ticks(last):
+    """Epoch 1, then every 5th (every epoch for short runs): epochs count from 1, not 0."""
+    return list(range(1, last + 1)) if last <= 10 else [1] + list(range(5, last + 1, 5))
+
+
+def predict_probs(model, images):
+    """Class probabilities of `model` (which outputs logits) for uint8 images `(N, 28, 28)` → `(N, 10)`."""
+    import keras
+
+    logits = model.predict(images[..., None].astype("float32"), batch_size=1000, verbose=0)
+    return keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
+
+
+def misclassified(labels, probs, count):
+    """The first `count` images (in test-set order) whose predicted class is not their label.
+
+    Args:
+        labels: `(N,)` true classes.
+        probs: `(N, 10)` predicted class probabilities.
+        count: how many to return at most.
+
+    Returns:
+        A list of `(index, true label, predicted label, confidence)`, confidence
+        being the probability given to the predicted class.
+    """
+    predicted = probs.argmax(-1)
+    wrong = np.flatnonzero(predicted != labels)[:count]
+    return [(int(i), int(labels[i]), int(predicted[i]), float(probs[i, predicted[i]])) for i in wrong]
+
+
+def caption(true, predicted, confidence):
+    return f"true {true}, predicted {predicted}\nconfidence {confidence:.0%}"
+
+
+def gallery_size(count):
+    """The gallery's figure size in inches for `count` images."""
+    rows = max(1, math.ceil(count / GALLERY_COLUMNS))
+    return GALLERY_COLUMNS * GALLERY_CELL[0], rows * GALLERY_CELL[1] + GALLERY_TITLE
+
+
+def draw_gallery(images, labels, probs, count=20, title="Misclassified test images"):
+    """A grid of the first `count` misclassified images, dark ink on white, each captioned.
+
+    Args:
+        images: `(N, 28, 28)` images.
+        labels: `(N,)` true classes.
+        probs: `(N, 10)` predicted probabilities (see `predict_probs`).
+        count: images to show; fewer appear when fewer are wrong.
+        title: the figure's title; the number of errors is appended.
+
+    Returns:
+        A `Figure` of `gallery_size(count)` inches. Its image axes, in order,
+        show the images `misclassified` returns, titled with `caption`.
+    """
+    shown = misclassified(labels, probs, count)
+    errors = int((probs.argmax(-1) != labels).sum())
+    fig = _figure(gallery_size(count))
+    axes = fig.subplots(max(1, math.ceil(count / GALLERY_COLUMNS)), GALLERY_COLUMNS, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (index, true, predicted, confidence) in zip(axes.flat, shown):
+        ax.imshow(images[index], cmap="gray_r", vmin=0, vmax=255)
+        ax.set_title(caption(true, predicted, confidence), fontsize=10)
+    fig.suptitle(f"{title}: {len(shown)} of {errors:,} errors in {len(labels):,} images", fontsize=13)
+    return fig
+
+
+def confusion_matrix(labels, predicted, classes=CLASSES):
+    """`(classes, classes)` counts: row = true class, column = predicted class."""
+    matrix = np.zeros((classes, classes), dtype=int)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predicted)), 1)
+    return matrix
+
+
+def draw_confusion(matrix, title="Confusion matrix"):
+    """The confusion matrix as a grid of counts, colour on a log scale so that rare errors show.
+
+    Args:
+        matrix: `(C, C)` counts from `confusion_matrix`.
+        title: the figure's title; the accuracy is appended.
+
+    Returns:
+        A `Figure` of `CONFUSION_SIZE` inches.
+    """
+    from matplotlib.colors import LogNorm
+
+    classes = len(matrix)
+    fig = _figure(CONFUSION_SIZE)
+    ax = fig.subplots()
+    shown = np.ma.masked_equal(matrix, 0)
+    image = ax.imshow(shown, cmap="Blues", norm=LogNorm(vmin=0.5, vmax=max(2, matrix.max())))
+    for (row, col), n in np.ndenumerate(matrix):
+        if n:
+            ax.text(col, row, str(n), ha="center", va="center", fontsize=9,
+                    color="white" if n > matrix.max() ** 0.6 else "black")
+    ax.set_xticks(range(classes))
+    ax.set_yticks(range(classes))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    accuracy = np.trace(matrix) / max(1, matrix.sum())
+    ax.set_title(f"{title}\naccuracy {accuracy:.2%} on {matrix.sum():,} test images", fontsize=12)
+    fig.colorbar(image, ax=ax, label="images (log scale)", shrink=0.8)
+    return fig
+
+
+SUMMARY_FIELDS = ["params", "best_train_acc", "best_test_acc", "best_epoch", "final_test_acc",
+                  "seconds_per_epoch", "epochs_completed"]
+
+
+def summarize_run(run):
+    """A run's row of the results table: its label and folder, and its `metrics.json` figures."""
+    return {"experiment": run.label, "run": run.path, **{key: run.metrics[key] for key in SUMMARY_FIELDS}}
+
+
+def _percent(value):
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def results_markdown(rows):
+    """A markdown table of `summarize_run` rows (accuracies in percent).
+
+    Rows that carry a `"study"` dict (`best_train_acc`, `best_test_acc`,
+    `notebook_best_test_acc`, `notebook_final_test_acc`) get the study's own
+    figures in extra columns beside ours.
+    """
+    study = any("study" in row for row in rows)
+    head = ["experiment", "params", "best train acc", "best test acc (epoch)", "final test acc", "s / epoch"]
+    if study:
+        head += ["study: best train / best test", "study notebook: best / final test"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["experiment"], f"{row['params']:,}", _percent(row["best_train_acc"]),
+                 f"{_percent(row['best_test_acc'])} ({row['best_epoch']})", _percent(row["final_test_acc"]),
+                 f"{row['seconds_per_epoch']:.1f}"]
+        if study:
+            s = row.get("study") or {}
+            cells += [f"{_percent(s.get('best_train_acc'))} / {_percent(s.get('best_test_acc'))}",
+                      f"{_percent(s.get('notebook_best_test_acc'))} / {_percent(s.get('notebook_final_test_acc'))}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

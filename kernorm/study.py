@@ -1,0 +1,167 @@
+"""`kernorm reproduce`: the study's three experiments, trained (or reused) and reported.
+
+Each experiment is an ordinary run folder written by `kernorm.train.train`,
+at `<out>/runs/<name>`. A run folder that already holds the finished run of the
+same configuration is reused, so an interrupted or crashed reproduction picks
+up where it stopped. The report (curves, galleries, confusion matrices,
+results table) is written from the run folders at the end.
+"""
+
+import dataclasses
+import json
+import os
+
+from kernorm.errors import KernormError
+from kernorm.files import write_json, write_text
+from kernorm.train import TrainConfig, train
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One of the study's experiments and the figures the study reported for it (fractions, not percent)."""
+
+    name: str
+    norm: str
+    l1: float
+    l2: float
+    study: dict
+
+
+# The study's weight decay 1e-5 adds 1e-5·w to the gradient, which is the gradient of 5e-6·Σw²:
+# an L2 coefficient of 5e-6. Its L1 of 1e-4 is a loss term 1e-4·Σ|w|, the same as ours.
+EXPERIMENTS = (
+    Experiment("bn-l1-l2", "bn", l1=1e-4, l2=5e-6, study={
+        "best_train_acc": 0.9942, "best_test_acc": 0.9921,
+        "notebook_best_test_acc": 0.9930, "notebook_final_test_acc": 0.9930}),
+    Experiment("ln-l2", "ln", l1=0.0, l2=5e-6, study={
+        "best_train_acc": 0.9954, "best_test_acc": 0.9926,
+        "notebook_best_test_acc": 0.9928, "notebook_final_test_acc": 0.9922}),
+    Experiment("gn-l1", "gn", l1=1e-4, l2=0.0, study={
+        "best_train_acc": 0.9933, "best_test_acc": 0.9923,
+        "notebook_best_test_acc": 0.9915, "notebook_final_test_acc": 0.9915}),
+)
+GALLERY_COUNT = 20
+CONFIG_FILE = "reproduce.json"
+# Fields that say where things are, not what was trained: a moved report or data folder stays reusable.
+LOCATION_FIELDS = ("out", "data_dir")
+
+
+@dataclasses.dataclass
+class ReproduceConfig:
+    """`kernorm reproduce`'s configuration; saved as `reproduce.json` in the report folder.
+
+    The training set-up is the study's (`TrainConfig`'s defaults: SGD lr 0.01,
+    momentum 0.9, batch 128, seed 1), with op determinism on so that a
+    reproduction repeats exactly.
+    """
+
+    epochs: int = 25
+    out: str = os.path.join("reports", "study")
+    data_dir: str | None = None
+    limit: int | None = None
+
+    def train_config(self, experiment):
+        """The `TrainConfig` of one experiment, its run folder inside `out`."""
+        return TrainConfig(norm=experiment.norm, l1=experiment.l1, l2=experiment.l2, epochs=self.epochs,
+                           data_dir=self.data_dir, limit=self.limit, deterministic=True,
+                           out=os.path.join(self.out, "runs", experiment.name))
+
+
+def why_not_reusable(config):
+    """None when `config.run_dir` holds the finished run of `config`; otherwise the reason, in words."""
+    run_dir = config.run_dir
+    try:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            metrics = json.load(f)
+        saved = TrainConfig.load(os.path.join(run_dir, "config.json"))
+    except (OSError, ValueError, KernormError):  # missing, half-written or foreign: train it (again)
+        return "no finished run there"
+    if metrics.get("interrupted") or metrics.get("epochs_completed") != config.epochs:
+        return f"it stopped after {metrics.get('epochs_completed')} of {config.epochs} epochs"
+    differs = [field.name for field in dataclasses.fields(TrainConfig)
+               if field.name not in LOCATION_FIELDS and getattr(saved, field.name) != getattr(config, field.name)]
+    if differs:
+        return f"it was trained with a different {', '.join(differs)}"
+    if not os.path.isfile(os.path.join(run_dir, "model.keras")):
+        return "its model.keras is missing"
+    return None
+
+
+def reproduce(config, verbose=True):
+    """Runs the study's three experiments and writes the report into `config.out`.
+
+    Writes `reproduce.json`, `runs/<experiment>/` (run folders), `curves.png`,
+    `misclassified-<norm>.png`, `confusion-<norm>.png`, `results.md` and
+    `results.json`. Finished run folders of the same configuration are reused.
+    Ctrl-C during training keeps the finished epochs and raises KeyboardInterrupt.
+
+    Args:
+        config: a `ReproduceConfig`.
+        verbose: print what is trained or reused, and training progress.
+
+    Returns:
+        The rows of `results.json`.
+    """
+    os.makedirs(config.out, exist_ok=True)
+    write_json(os.path.join(config.out, CONFIG_FILE), dataclasses.asdict(config))
+    for number, experiment in enumerate(EXPERIMENTS, 1):
+        train_config = config.train_config(experiment)
+        reason = why_not_reusable(train_config)
+        if verbose:
+            action = "reusing the finished run" if reason is None else f"training ({reason})"
+            print(f"[{number}/{len(EXPERIMENTS)}] {experiment.name}: {action} in {train_config.run_dir}", flush=True)
+        if reason is not None:
+            metrics = train(train_config, overwrite=True, verbose=verbose)
+            if metrics["interrupted"]:
+                raise KeyboardInterrupt
+    return write_report(config)
+
+
+def write_report(config):
+    """Writes the figures and results of the experiments' run folders into `config.out`; returns the rows."""
+    from kernorm import reports
+    from kernorm.data import load_mnist
+    from kernorm.models import load_model
+
+    runs = [reports.load_run(config.train_config(e).run_dir) for e in EXPERIMENTS]
+    _, (x_test, y_test) = load_mnist(config.data_dir)
+    reports.save_figure(reports.draw_curves(runs), os.path.join(config.out, "curves.png"))
+    rows = []
+    for experiment, run in zip(EXPERIMENTS, runs):
+        probs = reports.predict_probs(load_model(os.path.join(run.path, "model.keras")), x_test)
+        title = f"{run.label}, after epoch {run.metrics['epochs_completed']}"
+        reports.save_figure(reports.draw_gallery(x_test, y_test, probs, GALLERY_COUNT, title=title),
+                            os.path.join(config.out, f"misclassified-{experiment.norm}.png"))
+        matrix = reports.confusion_matrix(y_test, probs.argmax(-1))
+        reports.save_figure(reports.draw_confusion(matrix, title=title),
+                            os.path.join(config.out, f"confusion-{experiment.norm}.png"))
+        row = reports.summarize_run(run)
+        row["run"] = os.path.relpath(run.path, config.out)
+        rows.append({**row, "study": experiment.study})
+    write_json(os.path.join(config.out, "results.json"), {"config": dataclasses.asdict(config), "experiments": rows})
+    write_text(os.path.join(config.out, "results.md"), results_page(config, rows))
+    return rows
+
+
+def results_page(config, rows):
+    """`results.md`: the findings table with the study's figures beside ours, and what the report holds."""
+    from kernorm.reports import results_markdown
+
+    data = f"the first {config.limit:,} training images" if config.limit else "all 60,000 training images"
+    galleries = ", ".join(f"[{e.norm}](misclassified-{e.norm}.png)" for e in EXPERIMENTS)
+    confusions = ", ".join(f"[{e.norm}](confusion-{e.norm}.png)" for e in EXPERIMENTS)
+    return "\n".join([
+        "# The study, reproduced by kernorm",
+        "",
+        f"Three experiments, {config.epochs} epochs each on {data} (test: all 10,000), with the study's",
+        "set-up: SGD lr 0.01, momentum 0.9, batch 128, seed 1. The study's weight decay 1e-5 is our L2",
+        "coefficient 5e-6, its L1 1e-4 our L1 1e-4. Accuracies in percent; \"best\" is the best test epoch,",
+        "picked on the test set as the study did. The study's figures: its README's run, and its notebook's",
+        "last run.",
+        "",
+        results_markdown(rows),
+        "![Learning curves](curves.png)",
+        "",
+        f"Misclassified test images (model after the last epoch): {galleries}. Confusion matrices: {confusions}.",
+        "",
+    ])

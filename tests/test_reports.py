@@ -1,0 +1,123 @@
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from kernorm import reports
+from kernorm.cli import main
+from kernorm.errors import KernormError
+
+
+def controlled_probs(labels, wrong):
+    """Probabilities that are right everywhere except at `wrong` {index: (predicted, confidence)}."""
+    probs = np.full((len(labels), 10), 0.01)
+    probs[np.arange(len(labels)), labels] = 0.91
+    for index, (predicted, confidence) in wrong.items():
+        probs[index] = (1 - confidence) / 9
+        probs[index, predicted] = confidence
+    return probs
+
+
+def test_gallery_shows_exactly_the_wrong_images_with_their_captions():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 30)
+    wrong = {3: ((labels[3] + 1) % 10, 0.62), 7: ((labels[7] + 5) % 10, 0.875), 22: ((labels[22] + 9) % 10, 0.34)}
+    fig = reports.draw_gallery(images, labels, controlled_probs(labels, wrong), count=20, title="T")
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 3
+    for ax, (index, (predicted, confidence)) in zip(shown, sorted(wrong.items())):
+        np.testing.assert_array_equal(ax.images[0].get_array(), images[index])
+        assert ax.get_title() == f"true {labels[index]}, predicted {predicted}\nconfidence {confidence:.0%}"
+    assert len(fig.axes) == 20  # the grid keeps its size; empty cells stay blank
+    assert fig._suptitle.get_text() == "T: 3 of 3 errors in 30 images"
+
+
+def test_gallery_takes_the_first_count_errors_in_order():
+    labels = np.arange(40) % 10
+    wrong = {i: ((labels[i] + 1) % 10, 0.5) for i in range(0, 40, 3)}
+    assert [row[0] for row in reports.misclassified(labels, controlled_probs(labels, wrong), 5)] == [0, 3, 6, 9, 12]
+
+
+@pytest.fixture
+def always_three_run(tiny_study, tmp_path):
+    """A run folder whose model predicts class 3 for every image, with confidence e²/(e² + 9)."""
+    run = str(tmp_path / "always3")
+    shutil.copytree(os.path.join(tiny_study[0], "runs", "ln-l2"), run)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, kernel_initializer="zeros",
+                                                 bias_initializer=keras.initializers.Constant([0, 0, 0, 2] + [0] * 6))])
+    model.save(os.path.join(run, "model.keras"))
+    return run
+
+
+def test_gallery_command_runs_the_run_s_model(always_three_run, mnist, tmp_path, monkeypatch):
+    drawn = []
+    real_draw = reports.draw_gallery
+    monkeypatch.setattr(reports, "draw_gallery", lambda *a, **kw: drawn.append(real_draw(*a, **kw)) or drawn[-1])
+    out = str(tmp_path / "gallery.png")
+    result = CliRunner().invoke(main, ["gallery", always_three_run, "--count", "12", "--out", out])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert image.size == (1000, 750)  # 3 rows of 5
+    (_, _), (x_test, y_test) = mnist
+    expected = np.flatnonzero(y_test != 3)[:12]
+    shown = [ax for ax in drawn[0].axes if ax.images]
+    assert len(shown) == 12
+    confidence = np.exp(2) / (np.exp(2) + 9)
+    for ax, index in zip(shown, expected):
+        np.testing.assert_array_equal(ax.images[0].get_array(), x_test[index])
+        assert ax.get_title() == f"true {y_test[index]}, predicted 3\nconfidence {confidence:.0%}"
+
+
+def test_confusion_matrix_counts_true_rows_and_predicted_columns():
+    matrix = reports.confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], classes=3)
+    np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    fig = reports.draw_confusion(matrix, title="M")
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["1", "1", "1", "1", "2"]
+    assert "accuracy 66.67% on 6 test images" in fig.axes[0].get_title()
+
+
+def test_plot_and_compare_commands_on_run_folders(tiny_study, tmp_path):
+    runs = [os.path.join(tiny_study[0], "runs", name) for name in ("bn-l1-l2", "gn-l1")]
+    out = str(tmp_path / "figs" / "curves.png")
+    result = CliRunner().invoke(main, ["plot", *runs, "--out", out])
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        assert image.size == (1200, 800)
+    result = CliRunner().invoke(main, ["compare", *runs])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("| experiment | params |") and "study" not in lines[0]
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| BN + L1 + L2", "| GN + L1"]
+
+
+def test_curves_mark_each_run_s_best_test_epoch(tiny_study):
+    run = reports.load_run(os.path.join(tiny_study[0], "runs", "ln-l2"))
+    fig = reports.draw_curves([run, run])
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    best = f"best test {100 * run.metrics['best_test_acc']:.2f} % (epoch {run.metrics['best_epoch']})"
+    assert labels == [f"LN + L2 (ln-l2): {best}"] * 2 + ["best test epoch"]
+    test_acc = fig.axes[3]
+    stars = [line for line in test_acc.lines if line.get_marker() == "*"]
+    assert [tuple(s.get_xydata()[0]) for s in stars] == [(run.metrics["best_epoch"], 100 * run.metrics["best_test_acc"])] * 2
+    assert [ax.get_xlabel() for ax in fig.axes] == ["", "", "epoch", "epoch"]
+    assert test_acc.lines[0].get_xdata()[0] == 1  # epochs count from 1
+
+
+def test_user_errors_end_in_one_line(tiny_study, tmp_path):
+    run = os.path.join(tiny_study[0], "runs", "bn-l1-l2")
+    result = CliRunner().invoke(main, ["plot", str(tmp_path), "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 1 and "is not a finished kernorm run folder (no config.json)" in result.output
+    result = CliRunner().invoke(main, ["plot", run, "--out", str(tmp_path / "c.xyz")])
+    assert result.exit_code == 1 and "name it .png, .pdf or .svg" in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.iterdir())
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(os.path.join(run, "config.json"), half)
+    with pytest.raises(KernormError, match="no history.csv"):
+        reports.load_run(str(half))

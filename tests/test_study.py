@@ -1,0 +1,97 @@
+import dataclasses
+import json
+import os
+import shutil
+
+import pytest
+from PIL import Image
+
+from kernorm import study
+from kernorm.study import EXPERIMENTS, ReproduceConfig, reproduce, why_not_reusable
+from kernorm.train import TrainConfig, train
+
+FIGURES = {"curves.png": (1200, 800),
+           **{f"misclassified-{n}.png": (1000, 980) for n in ("bn", "ln", "gn")},
+           **{f"confusion-{n}.png": (700, 640) for n in ("bn", "ln", "gn")}}
+
+
+def read_json(*parts):
+    with open(os.path.join(*parts)) as f:
+        return json.load(f)
+
+
+def test_reproduce_writes_every_file(tiny_study, data_dir):
+    out, output = tiny_study
+    assert sorted(os.listdir(out)) == sorted([*FIGURES, "reproduce.json", "results.json", "results.md", "runs"])
+    assert sorted(os.listdir(os.path.join(out, "runs"))) == ["bn-l1-l2", "gn-l1", "ln-l2"]
+    for name, size in FIGURES.items():
+        with Image.open(os.path.join(out, name)) as image:
+            image.verify()
+        with Image.open(os.path.join(out, name)) as image:
+            assert (image.format, image.size) == ("PNG", size), name
+    assert read_json(out, "reproduce.json") == {"epochs": 2, "out": out, "data_dir": data_dir, "limit": 512}
+    assert "| LN + L2 | 4,700 |" in output and f"Report written to {out}" in output
+
+
+def test_experiments_are_the_study_s_with_translated_coefficients(tiny_study):
+    out, _ = tiny_study
+    configs = {e.name: TrainConfig.load(os.path.join(out, "runs", e.name, "config.json")) for e in EXPERIMENTS}
+    assert {name: (c.norm, c.l1, c.l2) for name, c in configs.items()} == {
+        "bn-l1-l2": ("bn", 1e-4, 5e-6), "ln-l2": ("ln", 0.0, 5e-6), "gn-l1": ("gn", 1e-4, 0.0)}
+    for c in configs.values():
+        assert (c.epochs, c.limit, c.seed, c.lr, c.momentum, c.batch_size, c.groups) == (2, 512, 1, 0.01, 0.9, 128, 2)
+
+
+def test_results_match_the_run_folders(tiny_study):
+    out, _ = tiny_study
+    results = read_json(out, "results.json")
+    assert [row["experiment"] for row in results["experiments"]] == ["BN + L1 + L2", "LN + L2", "GN + L1"]
+    markdown = open(os.path.join(out, "results.md")).read()
+    for experiment, row in zip(EXPERIMENTS, results["experiments"]):
+        metrics = read_json(out, row["run"], "metrics.json")
+        assert row["run"] == os.path.join("runs", experiment.name)
+        for key in ("params", "best_train_acc", "best_test_acc", "best_epoch", "final_test_acc",
+                    "seconds_per_epoch", "epochs_completed"):
+            assert row[key] == metrics[key], key
+        assert row["study"] == experiment.study
+        assert (f"| {row['experiment']} | 4,700 | {100 * metrics['best_train_acc']:.2f} | "
+                f"{100 * metrics['best_test_acc']:.2f} ({metrics['best_epoch']}) | "
+                f"{100 * metrics['final_test_acc']:.2f} |") in markdown
+    assert "99.42 / 99.21" in markdown and "99.54 / 99.26" in markdown and "99.33 / 99.23" in markdown
+
+
+def test_a_second_run_reuses_finished_folders_and_retrains_a_crashed_one(tiny_study, tmp_path, monkeypatch):
+    out = str(tmp_path / "moved")  # a moved report stays reusable: locations are not part of a run's identity
+    shutil.copytree(tiny_study[0], out)
+    config = dataclasses.replace(ReproduceConfig(**read_json(out, "reproduce.json")), out=out)
+    models = {e.name: os.path.join(out, "runs", e.name, "model.keras") for e in EXPERIMENTS}
+    stamps = {name: os.stat(path).st_mtime_ns for name, path in models.items()}
+    # The third experiment was killed after its first epoch: its metrics.json says 1 of 2 epochs.
+    crashed = os.path.join(out, "runs", "gn-l1", "metrics.json")
+    metrics = read_json(crashed)
+    with open(crashed, "w") as f:
+        json.dump({**metrics, "epochs_completed": 1}, f)
+    os.remove(os.path.join(out, "curves.png"))
+
+    trained = []
+    monkeypatch.setattr(study, "train", lambda c, **kw: trained.append(c.run_dir) or train(c, **kw))
+    reproduce(config, verbose=False)
+    assert trained == [os.path.join(out, "runs", "gn-l1")]
+    assert os.stat(models["bn-l1-l2"]).st_mtime_ns == stamps["bn-l1-l2"]
+    assert os.stat(models["ln-l2"]).st_mtime_ns == stamps["ln-l2"]
+    assert read_json(crashed)["epochs_completed"] == 2
+    assert os.path.isfile(os.path.join(out, "curves.png"))
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(epochs=3), "stopped after 2 of 3 epochs"),
+    (dict(l2=1e-3), "different l2"),
+    (dict(data_dir="/elsewhere/mnist"), None),  # where the data lies is not part of a run's identity
+])
+def test_why_a_run_is_or_is_not_reused(tiny_study, change, reason):
+    out, _ = tiny_study
+    config = TrainConfig.load(os.path.join(out, "runs", "ln-l2", "config.json"))
+    config = dataclasses.replace(config, **change)
+    got = why_not_reusable(config)
+    assert got == reason if reason is None else reason in got
+    assert "no finished run" in why_not_reusable(dataclasses.replace(config, out=os.path.join(out, "nothing")))
