@@ -29,6 +29,12 @@ def write_text(path, text):
         f.write(text)
 
 
+def write_bytes(path, data):
+    """Writes the bytes `data` to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 def write_json(path, data):
     """Writes `data` as indented JSON to `path` atomically."""
     write_text(path, json.dumps(data, indent=2) + "\n")
