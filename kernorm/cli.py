@@ -72,3 +72,50 @@ def train(ctx, config_file, overwrite, **options):
         ctx.exit(130)
     click.echo(f"final test acc {metrics['final_test_acc']:.4f}, best {metrics['best_test_acc']:.4f} "
                f"(epoch {metrics['best_epoch']}); run folder {config.run_dir}")
+
+
+@main.command()
+@click.argument("model", metavar="RUN_OR_MODEL")
+@click.option("--quantize", type=click.Choice(["float32", "float16", "dynamic", "int8", "all"]),
+              default="int8", show_default=True, help="Which TFLite model(s) to write.")
+@click.option("--out", default=None, help="Export folder [default: export/ beside the .keras file].")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=0.3, show_default=True,
+              help="Largest accepted test-accuracy drop from Keras to TFLite, in points.")
+@click.option("--calibration", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Training images that calibrate the int8 model.")
+@click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
+              help="Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR]; default: Keras's download.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
+def export(overwrite, **options):
+    """Convert a trained model to TFLite and check it on the test set with LiteRT.
+
+    RUN_OR_MODEL is a run folder of `kernorm train` or a .keras file.
+    """
+    from kernorm.export import ExportConfig, export as run_export
+
+    config = ExportConfig(**options)
+    run_export(config, overwrite=overwrite)
+    click.echo(f"all checks passed; export folder {config.out_dir}")
+
+
+@main.command()
+@click.argument("model", metavar="MODEL.tflite", type=click.Path(dir_okay=False))
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many of the most probable digits to print per image.")
+def predict(model, images, top):
+    """Classify digit images (PNG, JPEG, or 28x28 .npy) with an exported TFLite model.
+
+    Pictures are fitted into 28x28 as MNIST's digits were: white on black
+    (a dark-on-light picture is inverted), cropped, scaled to 20 px, centred.
+    """
+    import numpy as np
+
+    from kernorm.images import load_digit
+    from kernorm.runtime import load_tflite, top_k
+
+    tflite = load_tflite(model)
+    probabilities = tflite.predict(np.stack([load_digit(path) for path in images]))
+    for path, probs in zip(images, probabilities):
+        ranked = ", ".join(f"{digit} ({p:.3f})" for digit, p in top_k(probs, top))
+        click.echo(f"{path}: {ranked}")

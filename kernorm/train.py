@@ -72,12 +72,15 @@ class TrainConfig:
 
 
 def prepare_run_dir(run_dir, overwrite):
-    """Creates an empty run folder; an existing one is replaced only with `overwrite`."""
+    """Creates an empty output folder; an existing one is replaced only with `overwrite`.
+
+    Serves every command that writes a folder with its `config.json` (train, export).
+    """
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         if not overwrite:
-            raise KernormError(f"run folder {run_dir} already exists; pass --overwrite or choose another --out")
+            raise KernormError(f"output folder {run_dir} already exists; pass --overwrite or choose another --out")
         if not os.path.exists(os.path.join(run_dir, "config.json")):
-            raise KernormError(f"{run_dir} is not a kernorm run folder (no config.json); refusing to overwrite it")
+            raise KernormError(f"{run_dir} is not a kernorm output folder (no config.json); refusing to overwrite it")
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
 
