@@ -224,7 +224,7 @@ def export(config, overwrite=False, verbose=True):
             write_bytes(os.path.join(out_dir, figures["file"]), flatbuffer)
         report["models"][quantize] = figures
         if verbose:
-            print(summary_line(quantize, figures, keras_acc))
+            print(summary_line(quantize, figures, keras_acc), flush=True)
     failed = [q for q, figures in report["models"].items() if not figures["passed"]]
     report["passed"] = not failed
     write_json(os.path.join(out_dir, "export.json"), report)
