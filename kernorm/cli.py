@@ -7,6 +7,7 @@ import click
 from click.core import ParameterSource
 
 from kernorm.errors import KernormError
+from kernorm.export import QUANTIZATIONS, ExportConfig
 from kernorm.train import TrainConfig
 
 # Quiet TensorFlow's C++ start-up banner before anything imports it.
@@ -74,15 +75,18 @@ def train(ctx, config_file, overwrite, **options):
                f"(epoch {metrics['best_epoch']}); run folder {config.run_dir}")
 
 
+_EXPORT_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ExportConfig)}
+
+
 @main.command()
 @click.argument("model", metavar="RUN_OR_MODEL")
-@click.option("--quantize", type=click.Choice(["float32", "float16", "dynamic", "int8", "all"]),
-              default="int8", show_default=True, help="Which TFLite model(s) to write.")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS + ("all",)), default=_EXPORT_DEFAULTS["quantize"],
+              show_default=True, help="Which TFLite model(s) to write.")
 @click.option("--out", default=None, help="Export folder [default: export/ beside the .keras file].")
-@click.option("--max-drop", type=click.FloatRange(min=0), default=0.3, show_default=True,
+@click.option("--max-drop", type=click.FloatRange(min=0), default=_EXPORT_DEFAULTS["max_drop"], show_default=True,
               help="Largest accepted test-accuracy drop from Keras to TFLite, in points.")
-@click.option("--calibration", type=click.IntRange(min=1), default=500, show_default=True,
-              help="Training images that calibrate the int8 model.")
+@click.option("--calibration", type=click.IntRange(min=1), default=_EXPORT_DEFAULTS["calibration"],
+              show_default=True, help="Training images that calibrate the int8 model.")
 @click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
               help="Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR]; default: Keras's download.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
@@ -91,7 +95,7 @@ def export(overwrite, **options):
 
     RUN_OR_MODEL is a run folder of `kernorm train` or a .keras file.
     """
-    from kernorm.export import ExportConfig, export as run_export
+    from kernorm.export import export as run_export
 
     config = ExportConfig(**options)
     run_export(config, overwrite=overwrite)
