@@ -134,12 +134,16 @@ def latencies_us(predict, images):
 
 
 def throughput(predict, images, batch_size):
-    """Images per second of `predict` over `images` in batches of `batch_size` (after one warm-up batch)."""
+    """Runs `predict` over `images` in batches of `batch_size`, timed after one warm-up batch.
+
+    Returns:
+        `(outputs, images_per_second)`: the concatenated outputs of `predict`
+        and the throughput.
+    """
     predict(images[:batch_size])
     start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        predict(images[i:i + batch_size])
-    return len(images) / (time.perf_counter() - start)
+    outputs = [predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs), len(images) / (time.perf_counter() - start)
 
 
 def check(flatbuffer, quantize, x_test, y_test, keras_pred):
@@ -160,7 +164,8 @@ def check(flatbuffer, quantize, x_test, y_test, keras_pred):
 
     model = TFLiteModel(flatbuffer, name=f"the {quantize} model")
     images = x_test[..., None]
-    pred = model.predict(images, batch_size=THROUGHPUT_BATCH).argmax(-1)
+    probabilities, images_per_second = throughput(model.predict, images, THROUGHPUT_BATCH)
+    pred = probabilities.argmax(-1)
     latency = latencies_us(model.predict, images[:LATENCY_IMAGES])
     inp, out = model.input_details, model.output_details
     return {
@@ -170,7 +175,7 @@ def check(flatbuffer, quantize, x_test, y_test, keras_pred):
         "sha256": hashlib.sha256(flatbuffer).hexdigest(),
         "latency_us_p50": float(np.percentile(latency, 50)),
         "latency_us_p99": float(np.percentile(latency, 99)),
-        "throughput_ips": throughput(model.predict, images, THROUGHPUT_BATCH),
+        "throughput_ips": images_per_second,
         "input": {"dtype": np.dtype(inp["dtype"]).name, "quantization": list(inp["quantization"])},
         "output": {"dtype": np.dtype(out["dtype"]).name, "quantization": list(out["quantization"])},
     }
