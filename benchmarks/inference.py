@@ -6,8 +6,9 @@ reports), then prints Markdown tables:
 
 1. the export targets: int8 accuracy within 0.1 points of Keras, int8 file
    smaller than float32, int8 batch-1 latency no worse than float32's;
-2. every quantization: accuracy, agreement with Keras, size, latency, and the
-   op count of the converted graph (with the float islands of the int8 model);
+2. every quantization: accuracy, agreement with Keras, size, latency, the op
+   count of the converted graph, its DEQUANTIZE ops (in int8: float islands)
+   and the pieces XNNPACK runs it in;
 3. speed: Keras `predict` and `predict_on_batch`, and LiteRT float32 and int8 at
    batch 1 and batch 256, in images/s and µs per image.
 
@@ -38,14 +39,21 @@ BATCH_1_IMAGES = {"keras": 100, "litert": 2000}  # Keras predict costs milliseco
 BIG_BATCH = 256
 
 
-def op_counts(path):
-    """Op types of a `.tflite` graph, counted (LiteRT's op listing is a private method)."""
+def graph_stats(path):
+    """Op types of a `.tflite` graph, counted, and the number of pieces XNNPACK runs it in.
+
+    LiteRT lists ops only through a private method. Without the default
+    XNNPACK delegate the listing is the converted graph itself; with it, each
+    piece of the graph the delegate took shows up as one DELEGATE op.
+    """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    # Without the default XNNPACK delegate, so the listing is the converted graph itself.
-    interpreter = Interpreter(model_path=path,
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+    def ops(resolver):
+        interpreter = Interpreter(model_path=path, experimental_op_resolver_type=resolver)
+        interpreter.allocate_tensors()
+        return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+
+    return ops(OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES), ops(OpResolverType.AUTO)["DELEGATE"]
 
 
 def speed(run_dir, export_dir, x_test, rounds):
@@ -94,14 +102,13 @@ def main():
             with open(os.path.join(export_dir, "export.json")) as f:
                 report = json.load(f)
             m = report["models"]
-            ops = {q: op_counts(os.path.join(export_dir, f["file"])) for q, f in m.items() if f["file"]}
             for q, f in m.items():
-                count = ops.get(q, {})
-                islands = f" ({count['DEQUANTIZE']} DEQUANTIZE)" if q == "int8" and count else ""
+                count, pieces = graph_stats(os.path.join(export_dir, f["file"])) if f["file"] else ({}, 0)
                 models.append(f"| {norm} | {q} | {100 * f['tflite_acc']:.2f} | {f['drop_points']:+.2f} | "
                               f"{100 * f['agreement']:.2f} | {f['size_bytes'] / 1024:.1f} | "
                               f"{f['latency_us_p50']:.0f} | {f['latency_us_p99']:.0f} | "
-                              f"{f['throughput_ips']:,.0f} | {sum(count.values())}{islands} |")
+                              f"{f['throughput_ips']:,.0f} | {sum(count.values())} | "
+                              f"{count.get('DEQUANTIZE', 0)} | {pieces} |")
             # The target's latency is the speed table's batch-1 median, best of the interleaved rounds.
             times = speed(run_dir, export_dir, x_test, args.rounds)
         f32, i8 = m["float32"], m["int8"]
@@ -120,8 +127,9 @@ def main():
     print("\n".join(targets))
     print("\nEvery quantization, as kernorm export reports it (latency over 1,000 test images, "
           "throughput at batch 256 over 10,000)\n")
-    print("| norm | model | acc % | drop pt | agree % | KiB | batch-1 p50 µs | p99 µs | img/s | ops |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| norm | model | acc % | drop pt | agree % | KiB | batch-1 p50 µs | p99 µs | img/s | ops "
+          "| DEQUANTIZE ops | XNNPACK pieces |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(models))
     print(f"\nSpeed: batch 1 (median) and batch {BIG_BATCH}, best of {args.rounds} rounds\n")
     print(f"| norm | engine | batch-1 img/s | batch-1 µs/img | batch-{BIG_BATCH} img/s | batch-{BIG_BATCH} µs/img |")
