@@ -236,7 +236,7 @@ def export(config, overwrite=False, verbose=True):
     if failed:
         drops = ", ".join(f"{q} dropped {report['models'][q]['drop_points']:.2f} points" for q in failed)
         raise KernormError(f"accuracy check failed: {drops} (Keras {100 * keras_acc:.2f} %), more than "
-                           f"--max-drop {config.max_drop:g}; no file written for it, figures in "
+                           f"--max-drop {config.max_drop:g}; no model file written for {', '.join(failed)}, figures in "
                            f"{os.path.join(out_dir, 'export.json')}")
     return report
 

@@ -38,7 +38,8 @@ def load_tflite(path):
         with open(path, "rb") as f:
             content = f.read()
     except OSError as e:
-        raise KernormError(f"{path}: cannot read ({e.strerror}); pass a .tflite file written by kernorm export") from None
+        raise KernormError(f"{path}: cannot read ({e.strerror}); "
+                           f"pass a .tflite file written by kernorm export") from None
     return TFLiteModel(content, name=path)
 
 
