@@ -8,6 +8,7 @@ from click.core import ParameterSource
 
 from kernorm.distribution import STRATEGIES
 from kernorm.errors import KernormError
+from kernorm.export import QUANTIZATIONS, ExportConfig
 from kernorm.study import ReproduceConfig
 from kernorm.train import PRECISIONS, TrainConfig
 
@@ -193,3 +194,53 @@ def normcalc(batch, channels, size, groups, seed, values_file, fmt):
     except calc.CrossCheckError as e:
         raise click.ClickException(str(e)) from None
     click.echo(calc.FORMATTERS[fmt](calculations, activations, weights), nl=False)
+
+
+_EXPORT_DEFAULTS = {field.name: field.default for field in dataclasses.fields(ExportConfig)}
+
+
+@main.command()
+@click.argument("model", metavar="RUN_OR_MODEL")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS + ("all",)), default=_EXPORT_DEFAULTS["quantize"],
+              show_default=True, help="Which TFLite model(s) to write.")
+@click.option("--out", default=None, help="Export folder [default: export/ beside the .keras file].")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=_EXPORT_DEFAULTS["max_drop"], show_default=True,
+              help="Largest accepted test-accuracy drop from Keras to TFLite, in points.")
+@click.option("--calibration", type=click.IntRange(min=1), default=_EXPORT_DEFAULTS["calibration"],
+              show_default=True, help="Training images that calibrate the int8 model.")
+@click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
+              help="Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR]; default: Keras's download.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
+def export(overwrite, **options):
+    """Convert a trained model to TFLite and check it on the test set with LiteRT.
+
+    RUN_OR_MODEL is a run folder of `kernorm train` or a .keras file.
+    """
+    from kernorm.export import export as run_export
+
+    config = ExportConfig(**options)
+    run_export(config, overwrite=overwrite)
+    click.echo(f"all checks passed; export folder {config.out_dir}")
+
+
+@main.command()
+@click.argument("model", metavar="MODEL.tflite", type=click.Path(dir_okay=False))
+@click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--top", type=click.IntRange(min=1), default=3, show_default=True,
+              help="How many of the most probable digits to print per image.")
+def predict(model, images, top):
+    """Classify digit images (PNG, JPEG, or 28x28 .npy) with an exported TFLite model.
+
+    Pictures are fitted into 28x28 as MNIST's digits were: white on black
+    (a dark-on-light picture is inverted), cropped, scaled to 20 px, centred.
+    """
+    import numpy as np
+
+    from kernorm.images import load_digit
+    from kernorm.runtime import load_tflite, top_k
+
+    tflite = load_tflite(model)
+    probabilities = tflite.predict(np.stack([load_digit(path) for path in images]))
+    for path, probs in zip(images, probabilities):
+        ranked = ", ".join(f"{digit} ({p:.3f})" for digit, p in top_k(probs, top))
+        click.echo(f"{path}: {ranked}")

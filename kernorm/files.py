@@ -1,9 +1,12 @@
-"""Writing files so that each appears whole or not at all."""
+"""Writing files so that each appears whole or not at all, and the folders they go to."""
 
 import contextlib
 import json
 import os
 import re
+import shutil
+
+from kernorm.errors import KernormError
 
 # atomic_path's temporary names: ".<name>.<pid>.tmp[<suffix>]".
 _TEMPORARY = re.compile(r"^\..+\.\d+\.tmp(\.[^.]+)?$")
@@ -33,6 +36,12 @@ def write_text(path, text):
         f.write(text)
 
 
+def write_bytes(path, data):
+    """Writes the bytes `data` to `path` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
 def write_json(path, data):
     """Writes `data` as indented JSON to `path` atomically."""
     write_text(path, json.dumps(data, indent=2) + "\n")
@@ -43,3 +52,17 @@ def remove_leftovers(folder):
     for name in os.listdir(folder):
         if _TEMPORARY.match(name):
             os.remove(os.path.join(folder, name))
+
+
+def prepare_output_dir(folder, overwrite):
+    """Creates an empty output folder; an existing one is replaced only with `overwrite`.
+
+    Only a folder that kernorm made (it holds a `config.json`) is ever deleted.
+    """
+    if os.path.isdir(folder) and os.listdir(folder):
+        if not overwrite:
+            raise KernormError(f"output folder {folder} already exists; pass --overwrite or choose another --out")
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            raise KernormError(f"{folder} is not a kernorm output folder (no config.json); refusing to overwrite it")
+        shutil.rmtree(folder)
+    os.makedirs(folder, exist_ok=True)

@@ -318,7 +318,7 @@ def _train(config, plan, resume, out, train_data, test_data, verbose):
 
     strategy = make_strategy(plan)  # first: some strategies must exist before TensorFlow runs anything
     keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
+    if config.deterministic:  # for the rest of the process: TensorFlow cannot turn it off again
         tf.config.experimental.enable_op_determinism()
     (x_train, y_train), (x_test, y_test) = train_data, test_data
     architecture = dict(norm=config.norm, l1=config.l1, l2=config.l2, dropout=config.dropout,

@@ -36,3 +36,34 @@ def tiny_study(tmp_path_factory, data_dir):
                                        "--out", out])
     assert result.exit_code == 0, result.output
     return out, result.output
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, data_dir):
+    """A briefly trained LN model (1 epoch on 12,000 images), exported once in all four quantizations.
+
+    The export runs through the CLI with a spy on the int8 calibration sampler.
+    Returns a dict: run_dir, export_dir, output (the CLI's), calibration_calls
+    (the sampler's argument and result per call).
+    """
+    from click.testing import CliRunner
+
+    import kernorm.export
+    from kernorm.cli import main
+    from kernorm.train import TrainConfig, train
+
+    run_dir = str(tmp_path_factory.mktemp("export") / "ln")
+    train(TrainConfig(norm="ln", epochs=1, limit=12000, data_dir=data_dir, out=run_dir), verbose=False)
+    calls, sampler = [], kernorm.export.calibration_images
+
+    def spy(x_train, count, *args):
+        images = sampler(x_train, count, *args)
+        calls.append((x_train, count, images))
+        return images
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernorm.export, "calibration_images", spy)
+        result = CliRunner().invoke(main, ["export", run_dir, "--quantize", "all", "--data-dir", data_dir])
+    assert result.exit_code == 0, result.output
+    return {"run_dir": run_dir, "export_dir": os.path.join(run_dir, "export"), "output": result.output,
+            "calibration_calls": calls}

@@ -53,8 +53,10 @@ def backed_up_epochs(backup_dir):
 
 def test_sigkilled_run_resumes_with_the_same_command(tmp_path, data_dir):
     run_dir = tmp_path / "run"
+    # Deterministic, as the in-process reference below must be: op determinism, once turned on
+    # (by an earlier test, say), stays on in a process, and it changes the numerics a little.
     command = [sys.executable, "-m", "kernorm", "train", "--norm", "bn", "--epochs", "6", "--limit", "640",
-               "--data-dir", data_dir, "--out", str(run_dir)]
+               "--deterministic", "--data-dir", data_dir, "--out", str(run_dir)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -79,7 +81,8 @@ def test_sigkilled_run_resumes_with_the_same_command(tmp_path, data_dir):
     assert json.load(open(run_dir / "metrics.json"))["epochs_completed"] == 6
 
     reference = tmp_path / "reference"
-    train(TrainConfig(norm="bn", epochs=6, limit=640, data_dir=data_dir, out=str(reference)), verbose=False)
+    train(TrainConfig(norm="bn", epochs=6, limit=640, deterministic=True, data_dir=data_dir, out=str(reference)),
+          verbose=False)
     assert_same_run(run_dir, reference)
 
     # Finished, the run has no backup: the same command again is refused, not resumed.

@@ -1,0 +1,141 @@
+"""Inference benchmark: TFLite exports of trained runs, and Keras against LiteRT.
+
+For each run folder it exports all four quantizations (into a temporary
+folder, through `kernorm.export`, so the figures are the ones `kernorm export`
+reports), then prints Markdown tables:
+
+1. the export targets: int8 accuracy within 0.1 points of Keras, int8 file
+   smaller than float32, int8 batch-1 latency no worse than float32's;
+2. every quantization: accuracy, agreement with Keras, size, latency, the op
+   count of the converted graph, its DEQUANTIZE ops (in int8: float islands)
+   and the pieces XNNPACK runs it in;
+3. speed: Keras `predict` and `predict_on_batch`, and LiteRT float32 and int8 at
+   batch 1 and batch 256, in images/s and µs per image.
+
+Timings are the best of `--rounds` interleaved rounds, to damp the noise of a
+shared machine. Usage, from the repository root with kernorm installed
+(`pip install -e .`):
+
+    python benchmarks/inference.py RUN [RUN ...] [--data-dir DIR] [--rounds 3]
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from kernorm.data import load_mnist
+from kernorm.errors import KernormError
+from kernorm.export import ExportConfig, export, latencies_us, throughput
+from kernorm.models import load_model
+from kernorm.runtime import load_tflite
+
+TARGET_DROP = 0.1  # points
+BATCH_1_IMAGES = {"keras": 100, "litert": 2000}  # Keras predict costs milliseconds per call
+BIG_BATCH = 256
+
+
+def graph_stats(path):
+    """Op types of a `.tflite` graph, counted, and the number of pieces XNNPACK runs it in.
+
+    LiteRT lists ops only through a private method. Without the default
+    XNNPACK delegate the listing is the converted graph itself; with it, each
+    piece of the graph the delegate took shows up as one DELEGATE op.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    def ops(resolver):
+        interpreter = Interpreter(model_path=path, experimental_op_resolver_type=resolver)
+        interpreter.allocate_tensors()
+        return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+
+    return ops(OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES), ops(OpResolverType.AUTO)["DELEGATE"]
+
+
+def speed(run_dir, export_dir, x_test, rounds):
+    """µs per image at batch 1 (median) and at BIG_BATCH, best over interleaved rounds, per engine."""
+    keras_model = load_model(os.path.join(run_dir, "model.keras"))
+    images = x_test[..., None]
+    floats = images.astype(np.float32)
+    engines = {
+        "Keras predict": lambda x: keras_model.predict(x.astype(np.float32), verbose=0),
+        # predict() builds a tf.data pipeline per call; predict_on_batch runs the compiled graph directly.
+        "Keras predict_on_batch": lambda x: keras_model.predict_on_batch(x.astype(np.float32)),
+        "LiteRT float32": load_tflite(os.path.join(export_dir, "model_float32.tflite")).predict,
+        "LiteRT int8": load_tflite(os.path.join(export_dir, "model_int8.tflite")).predict,
+    }
+    best = {name: [np.inf, np.inf] for name in engines}
+    for _ in range(rounds):
+        for name, predict in engines.items():
+            count = BATCH_1_IMAGES["keras" if name.startswith("Keras") else "litert"]
+            source = floats if name.startswith("Keras") else images
+            one = float(np.median(latencies_us(predict, source[:count])))
+            many = 1e6 / throughput(predict, source, BIG_BATCH)[1]
+            best[name] = [min(best[name][0], one), min(best[name][1], many)]
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders of kernorm train")
+    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR"))
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before kernorm first imports TensorFlow
+    (_, _), (x_test, _) = load_mnist(args.data_dir)
+
+    targets, models, speeds = [], [], []
+    for run_dir in args.runs:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            norm = json.load(f)["norm"]
+        with tempfile.TemporaryDirectory() as tmp:
+            export_dir = os.path.join(tmp, "export")
+            try:
+                export(ExportConfig(model=run_dir, quantize="all", out=export_dir, data_dir=args.data_dir),
+                       verbose=False)
+            except KernormError as e:  # a failed check still leaves its figures in export.json
+                print(f"{norm}: {e}", file=sys.stderr)
+            with open(os.path.join(export_dir, "export.json")) as f:
+                report = json.load(f)
+            m = report["models"]
+            for q, f in m.items():
+                count, pieces = graph_stats(os.path.join(export_dir, f["file"])) if f["file"] else ({}, 0)
+                models.append(f"| {norm} | {q} | {100 * f['tflite_acc']:.2f} | {f['drop_points']:+.2f} | "
+                              f"{100 * f['agreement']:.2f} | {f['size_bytes'] / 1024:.1f} | "
+                              f"{f['latency_us_p50']:.0f} | {f['latency_us_p99']:.0f} | "
+                              f"{f['throughput_ips']:,.0f} | {sum(count.values())} | "
+                              f"{count.get('DEQUANTIZE', 0)} | {pieces} |")
+            # The target's latency is the speed table's batch-1 median, best of the interleaved rounds.
+            times = speed(run_dir, export_dir, x_test, args.rounds)
+        f32, i8 = m["float32"], m["int8"]
+        lat32, lat8 = times["LiteRT float32"][0], times["LiteRT int8"][0]
+        met = [i8["drop_points"] <= TARGET_DROP, i8["size_bytes"] < f32["size_bytes"], lat8 <= lat32]
+        targets.append(f"| {norm} | {100 * report['keras_acc']:.2f} | {100 * i8['tflite_acc']:.2f} | "
+                       f"{i8['drop_points']:+.2f} | {f32['size_bytes']:,} | {i8['size_bytes']:,} | "
+                       f"{lat32:.0f} | {lat8:.0f} | {' / '.join('yes' if ok else 'NO' for ok in met)} |")
+        for name, (one, many) in times.items():
+            speeds.append(f"| {norm} | {name} | {1e6 / one:,.0f} | {one:.0f} | {1e6 / many:,.0f} | {many:.1f} |")
+
+    print("\nTargets (int8 drop <= 0.1 pt / int8 smaller than float32 / int8 batch-1 latency <= float32's)\n")
+    print("| norm | Keras acc % | int8 acc % | int8 drop pt | float32 bytes | int8 bytes "
+          "| float32 batch-1 µs | int8 batch-1 µs | targets met |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(targets))
+    print("\nEvery quantization, as kernorm export reports it (latency over 1,000 test images, "
+          "throughput at batch 256 over 10,000)\n")
+    print("| norm | model | acc % | drop pt | agree % | KiB | batch-1 p50 µs | p99 µs | img/s | ops "
+          "| DEQUANTIZE ops | XNNPACK pieces |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(models))
+    print(f"\nSpeed: batch 1 (median) and batch {BIG_BATCH}, best of {args.rounds} rounds\n")
+    print(f"| norm | engine | batch-1 img/s | batch-1 µs/img | batch-{BIG_BATCH} img/s | batch-{BIG_BATCH} µs/img |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(speeds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""`kernorm export`: a trained model to TFLite, checked on the whole test set with the LiteRT runtime.
+
+Each quantization is converted with TensorFlow's `TFLiteConverter`, then run
+by `kernorm.runtime` (LiteRT, the path a device takes) on all 10,000 test
+images and compared with the Keras model on the same images. A model file is
+written only when its accuracy drop stays within `max_drop` points; the
+figures of every model, passed or not, go to `export.json`.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import os
+import time
+import warnings
+
+import numpy as np
+
+from kernorm.errors import KernormError
+from kernorm.files import prepare_output_dir, write_bytes, write_json
+
+QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
+# Batch-1 latency is timed over this many test images; throughput over all of them in batches of this size.
+LATENCY_IMAGES = 1000
+THROUGHPUT_BATCH = 256
+KERAS_BATCH = 1000
+CALIBRATION_SEED = 0
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """Everything that defines an export; saved as `config.json` in the export folder.
+
+    Attributes:
+        model: a run folder (its `model.keras` is used) or a `.keras` file.
+        quantize: "float32", "float16", "dynamic", "int8", or "all" of them.
+        out: the export folder; default `export/` beside the `.keras` file.
+        max_drop: the largest accepted accuracy drop, TFLite below Keras, in points.
+        calibration: training images that calibrate the int8 model's ranges.
+        data_dir: folder of the MNIST IDX files, as for `kernorm train`.
+    """
+
+    model: str
+    quantize: str = "int8"
+    out: str | None = None
+    max_drop: float = 0.3
+    calibration: int = 500
+    data_dir: str | None = None
+
+    @property
+    def model_file(self):
+        """The `.keras` file: `model` itself, or `model.keras` in the run folder `model`."""
+        return os.path.join(self.model, "model.keras") if os.path.isdir(self.model) else self.model
+
+    @property
+    def out_dir(self):
+        return self.out or os.path.join(os.path.dirname(self.model_file), "export")
+
+    @property
+    def quantizations(self):
+        if self.quantize == "all":
+            return QUANTIZATIONS
+        if self.quantize not in QUANTIZATIONS:
+            raise KernormError(f"unknown quantization {self.quantize!r}; choose one of "
+                               f"{', '.join(QUANTIZATIONS)} or all")
+        return (self.quantize,)
+
+    def save(self, path):
+        write_json(path, dataclasses.asdict(self))
+
+
+def calibration_images(x_train, count, seed=CALIBRATION_SEED):
+    """Draws the int8 calibration images from the training set, without replacement.
+
+    Args:
+        x_train: uint8 training images `(N, 28, 28)`; never the test set, which
+            must stay unseen to measure the quantized model honestly.
+        count: how many to draw.
+        seed: seed of the draw.
+
+    Returns:
+        float32 raw pixels `(count, 28, 28, 1)`.
+    """
+    if not 1 <= count <= len(x_train):
+        raise KernormError(f"--calibration {count}: choose between 1 and the {len(x_train)} training images")
+    picked = np.random.default_rng(seed).choice(len(x_train), count, replace=False)
+    return x_train[np.sort(picked)][..., None].astype(np.float32)
+
+
+def convert(model, quantize, calibration=None):
+    """Converts a Keras model to a TFLite flatbuffer.
+
+    Args:
+        model: the Keras model; input raw pixels, output logits.
+        quantize: "float32" (no quantization); "float16" (float16 weights);
+            "dynamic" (int8 weights, float activations; the converter leaves
+            tensors under 1,024 elements in float, which here is every one);
+            "int8" (full integer: int8 weights and activations, uint8 input
+            that holds raw pixels exactly, int8 output logits).
+        calibration: float32 images `(N, 28, 28, 1)` from the training set,
+            required for "int8".
+
+    Returns:
+        The `.tflite` file's bytes.
+    """
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if quantize != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantize == "int8":
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.int8
+    # Keras prints where it saved its temporary SavedModel; the converter warns that the
+    # input's range comes from calibration, which is what we want.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return converter.convert()
+
+
+def latencies_us(predict, images):
+    """Microseconds of `predict` on each image alone (batch 1), one entry per image."""
+    times = []
+    for i in range(len(images)):
+        start = time.perf_counter_ns()
+        predict(images[i:i + 1])
+        times.append((time.perf_counter_ns() - start) / 1000)
+    return np.array(times)
+
+
+def throughput(predict, images, batch_size):
+    """Runs `predict` over `images` in batches of `batch_size`, timed after one warm-up batch.
+
+    Returns:
+        `(outputs, images_per_second)`: the concatenated outputs of `predict`
+        and the throughput.
+    """
+    predict(images[:batch_size])
+    start = time.perf_counter()
+    outputs = [predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs), len(images) / (time.perf_counter() - start)
+
+
+def check(flatbuffer, quantize, x_test, y_test, keras_pred):
+    """Runs a converted model with the LiteRT runtime on the test set and measures it.
+
+    Args:
+        flatbuffer: the `.tflite` bytes.
+        quantize: its quantization, for messages.
+        x_test, y_test: the test images `(N, 28, 28)` and labels.
+        keras_pred: the Keras model's predicted classes on `x_test`.
+
+    Returns:
+        A dict: accuracy, agreement with Keras, file size, batch-1 latency
+        p50/p99 in µs, throughput in images/s, input and output dtype and
+        quantization (scale, zero point).
+    """
+    from kernorm.runtime import TFLiteModel
+
+    model = TFLiteModel(flatbuffer, name=f"the {quantize} model")
+    images = x_test[..., None]
+    probabilities, images_per_second = throughput(model.predict, images, THROUGHPUT_BATCH)
+    pred = probabilities.argmax(-1)
+    latency = latencies_us(model.predict, images[:LATENCY_IMAGES])
+    inp, out = model.input_details, model.output_details
+    return {
+        "tflite_acc": float((pred == y_test).mean()),
+        "agreement": float((pred == keras_pred).mean()),
+        "size_bytes": len(flatbuffer),
+        "sha256": hashlib.sha256(flatbuffer).hexdigest(),
+        "latency_us_p50": float(np.percentile(latency, 50)),
+        "latency_us_p99": float(np.percentile(latency, 99)),
+        "throughput_ips": images_per_second,
+        "input": {"dtype": np.dtype(inp["dtype"]).name, "quantization": list(inp["quantization"])},
+        "output": {"dtype": np.dtype(out["dtype"]).name, "quantization": list(out["quantization"])},
+    }
+
+
+def export(config, overwrite=False, verbose=True):
+    """Exports a trained model to TFLite as `config` says, and checks every model.
+
+    Writes into `config.out_dir`: `config.json`, `model_<quantize>.tflite` for
+    each model whose accuracy drop is at most `config.max_drop` points, and
+    `export.json` with the figures and pass/fail of every model. A model that
+    fails leaves no file; then, after writing `export.json`, a `KernormError`
+    names the failures.
+
+    Args:
+        config: an `ExportConfig`.
+        overwrite: replace an existing export folder.
+        verbose: print one line of figures per model.
+
+    Returns:
+        The report also written to `export.json`.
+    """
+    from kernorm.data import load_mnist
+    from kernorm.models import load_model
+
+    quantizations = config.quantizations
+    if config.max_drop < 0:
+        raise KernormError(f"--max-drop {config.max_drop}: the accepted drop cannot be negative")
+    keras_model = load_model(config.model_file)
+    (x_train, _), (x_test, y_test) = load_mnist(config.data_dir)
+    calibration = calibration_images(x_train, config.calibration) if "int8" in quantizations else None
+    out_dir = config.out_dir
+    prepare_output_dir(out_dir, overwrite)
+    config.save(os.path.join(out_dir, "config.json"))
+
+    keras_pred = keras_model.predict(x_test[..., None].astype(np.float32), batch_size=KERAS_BATCH,
+                                     verbose=0).argmax(-1)
+    keras_acc = float((keras_pred == y_test).mean())
+    report = {"model": config.model_file, "test_images": len(x_test), "keras_acc": keras_acc,
+              "max_drop": config.max_drop, "calibration_images": len(calibration) if calibration is not None else 0,
+              "models": {}}
+    for quantize in quantizations:
+        flatbuffer = convert(keras_model, quantize, calibration)
+        figures = check(flatbuffer, quantize, x_test, y_test, keras_pred)
+        # Accuracies are multiples of 1/10,000; rounding keeps float noise out of the comparison.
+        figures["drop_points"] = round(100 * (keras_acc - figures["tflite_acc"]), 6)
+        figures["passed"] = figures["drop_points"] <= config.max_drop
+        figures["file"] = f"model_{quantize}.tflite" if figures["passed"] else None
+        if figures["passed"]:
+            write_bytes(os.path.join(out_dir, figures["file"]), flatbuffer)
+        report["models"][quantize] = figures
+        if verbose:
+            print(summary_line(quantize, figures, keras_acc), flush=True)
+    failed = [q for q, figures in report["models"].items() if not figures["passed"]]
+    report["passed"] = not failed
+    write_json(os.path.join(out_dir, "export.json"), report)
+    if failed:
+        drops = ", ".join(f"{q} dropped {report['models'][q]['drop_points']:.2f} points" for q in failed)
+        raise KernormError(f"accuracy check failed: {drops} (Keras {100 * keras_acc:.2f} %), more than "
+                           f"--max-drop {config.max_drop:g}; no model file written for {', '.join(failed)}, figures in "
+                           f"{os.path.join(out_dir, 'export.json')}")
+    return report
+
+
+def summary_line(quantize, figures, keras_acc):
+    """One line of a model's figures, as `kernorm export` prints them."""
+    verdict = "ok" if figures["passed"] else "FAILED"
+    return (f"{quantize:8s} acc {100 * figures['tflite_acc']:6.2f} % (Keras {100 * keras_acc:.2f} %, "
+            f"drop {figures['drop_points']:+.2f} pt, agree {100 * figures['agreement']:.2f} %)  "
+            f"{figures['size_bytes'] / 1024:5.1f} KiB  batch-1 p50 {figures['latency_us_p50']:4.0f} µs "
+            f"p99 {figures['latency_us_p99']:5.0f} µs  {figures['throughput_ips']:7,.0f} img/s  {verdict}")

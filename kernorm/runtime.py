@@ -1,0 +1,177 @@
+"""Running exported `.tflite` models with the LiteRT runtime alone.
+
+This module imports only `ai_edge_litert`, NumPy and `kernorm.errors`, never
+TensorFlow, so inference runs where TensorFlow cannot be installed (a
+Raspberry Pi, a slim container): `pip install ai-edge-litert numpy` is enough.
+
+The models take raw pixels 0–255 (they normalise inside) and end in 10
+logits, not probabilities: a softmax inside an int8 model would squeeze every
+probability onto 256 levels of 1/256, rounding the small ones to zero, so
+`TFLiteModel.predict` applies the softmax here, in float, on the dequantized
+logits.
+"""
+
+import os
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from kernorm.errors import KernormError
+
+# A TFLite file is a FlatBuffer whose identifier, at bytes 4–8, is "TFL3".
+TFLITE_IDENTIFIER = b"TFL3"
+PIXEL_RANGE = (0, 255)
+
+
+def load_tflite(path):
+    """Reads a `.tflite` file into a `TFLiteModel`.
+
+    Args:
+        path: the file, e.g. one written by `kernorm export`.
+
+    Returns:
+        A `TFLiteModel`. A missing, unreadable, truncated, corrupt or
+        non-TFLite file raises `KernormError`.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            content = f.read()
+    except OSError as e:
+        raise KernormError(f"{path}: cannot read ({e.strerror}); "
+                           f"pass a .tflite file written by kernorm export") from None
+    return TFLiteModel(content, name=path)
+
+
+class TFLiteModel:
+    """A TFLite image classifier run by LiteRT's interpreter.
+
+    Works for float models (float32, float16, dynamic-range) and full-integer
+    ones alike: integer inputs are quantized and integer outputs dequantized
+    with the scale and zero point stored in the model itself. The batch size
+    is free: the input tensor is resized to each batch.
+
+    Args:
+        content: the bytes of a `.tflite` file.
+        name: what error messages call the model (its path, say).
+
+    Attributes:
+        input_details, output_details: the interpreter's description of the
+            one input and one output tensor (`dtype`, `shape`, `quantization`).
+        image_shape: the shape of one input image, e.g. `(28, 28, 1)`.
+        num_classes: length of the output vector.
+    """
+
+    def __init__(self, content, name="model"):
+        self.name = name
+        if len(content) < 8 or content[4:8] != TFLITE_IDENTIFIER:
+            raise KernormError(f"{name}: not a TFLite model (no {TFLITE_IDENTIFIER.decode()} identifier); "
+                               f"pass a .tflite file written by kernorm export")
+        try:
+            self._interpreter = Interpreter(model_content=content)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise KernormError(f"{name}: corrupt or truncated TFLite model ({str(e).splitlines()[0]}); "
+                               f"export it again") from None
+        inputs, outputs = self._interpreter.get_input_details(), self._interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1 or len(outputs[0]["shape"]) != 2:
+            raise KernormError(f"{name}: has {len(inputs)} inputs and {len(outputs)} outputs; kernorm runs "
+                               f"image classifiers with one image input and one (batch, classes) output")
+        self.input_details, self.output_details = inputs[0], outputs[0]
+        self.image_shape = tuple(int(d) for d in self.input_details["shape"][1:])
+        self.num_classes = int(self.output_details["shape"][1])
+        self._batch = int(self.input_details["shape"][0])
+
+    def predict(self, images, batch_size=None):
+        """Class probabilities for a batch of images.
+
+        Args:
+            images: raw pixels in 0–255, any real dtype, shape `(N, 28, 28, 1)`
+                or `(N, 28, 28)` (generally `(N,) + image_shape`, the last
+                axis optional when it is 1).
+            batch_size: images per interpreter call; default all N at once.
+
+        Returns:
+            float32 array `(N, num_classes)`: the softmax of the model's logits.
+        """
+        return softmax(self.logits(images, batch_size))
+
+    def logits(self, images, batch_size=None):
+        """The model's float logits, `(N, num_classes)`; arguments as `predict`."""
+        images = self._check(images)
+        batch_size = batch_size or max(len(images), 1)
+        chunks = [self._invoke(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.num_classes), np.float32)
+
+    def _check(self, images):
+        images = given = np.asarray(images)
+        if images.dtype.kind not in "uif":
+            raise KernormError(f"{self.name}: images must be a numeric array of raw pixels, got dtype {images.dtype}")
+        if images.ndim == len(self.image_shape) and self.image_shape[-1] == 1:
+            images = images[..., None]
+        if images.shape[1:] != self.image_shape:
+            shapes = "(N, " + ", ".join(map(str, self.image_shape)) + ")"
+            if self.image_shape[-1] == 1:
+                shapes += " or (N, " + ", ".join(map(str, self.image_shape[:-1])) + ")"
+            raise KernormError(f"{self.name}: images have shape {given.shape}; the model takes {shapes}")
+        if images.size and not ((images.dtype.kind != "f" or np.isfinite(images).all())
+                                and PIXEL_RANGE[0] <= images.min() and images.max() <= PIXEL_RANGE[1]):
+            raise KernormError(f"{self.name}: pixel values must be raw pixels in 0–255 (the model normalises "
+                               f"inside), got values from {images.min()} to {images.max()}")
+        return images
+
+    def _invoke(self, batch):
+        index = self.input_details["index"]
+        if len(batch) != self._batch:
+            # Reallocating is costly, so the tensor keeps its size until a batch of another size comes.
+            self._interpreter.resize_tensor_input(index, (len(batch),) + self.image_shape)
+            self._interpreter.allocate_tensors()
+            self._batch = len(batch)
+        self._interpreter.set_tensor(index, quantize(batch, self.input_details))
+        self._interpreter.invoke()
+        return dequantize(self._interpreter.get_tensor(self.output_details["index"]), self.output_details)
+
+
+def quantize(values, details):
+    """Converts real values to a tensor's dtype, `round(x / scale) + zero_point` for integer tensors.
+
+    Args:
+        values: a real array.
+        details: the tensor's entry of `get_input_details()`.
+
+    Returns:
+        An array of the tensor's dtype; integer values are clipped to its range.
+    """
+    dtype = np.dtype(details["dtype"])
+    scale, zero_point = details["quantization"]
+    if dtype.kind == "f":
+        return values.astype(dtype)
+    if values.dtype == dtype and scale in (0, 1) and zero_point == 0:
+        return values  # raw uint8 pixels into a uint8 input of scale 1: nothing to compute
+    if scale:
+        values = np.round(values.astype(np.float32) / scale) + zero_point
+    limits = np.iinfo(dtype)
+    return np.clip(values, limits.min, limits.max).astype(dtype)
+
+
+def dequantize(values, details):
+    """Real values of a tensor's contents, `(q - zero_point) * scale` for quantized ones, as float32."""
+    scale, zero_point = details["quantization"]
+    values = values.astype(np.float32)
+    if np.dtype(details["dtype"]).kind != "f" and scale:
+        # float32 scalars keep the arithmetic in float32: fewer casts, on every call of a batch-1 loop.
+        return (values - np.float32(zero_point)) * np.float32(scale)
+    return values
+
+
+def softmax(logits):
+    """Probabilities from logits along the last axis, computed stably in float32."""
+    logits = np.asarray(logits, np.float32)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def top_k(probabilities, k):
+    """The `k` most probable classes of one image, best first, as `[(class, probability), ...]`."""
+    order = np.argsort(-probabilities, kind="stable")[:k]
+    return [(int(c), float(probabilities[c])) for c in order]

@@ -1,0 +1,114 @@
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import kernorm.export
+from kernorm.cli import main
+from kernorm.errors import KernormError
+from kernorm.export import QUANTIZATIONS, ExportConfig
+
+
+def read_report(export_dir):
+    with open(os.path.join(export_dir, "export.json")) as f:
+        return json.load(f)
+
+
+def test_export_writes_every_checked_model_and_its_report(exported, mnist):
+    export_dir = exported["export_dir"]
+    assert sorted(os.listdir(export_dir)) == sorted(
+        ["config.json", "export.json"] + [f"model_{q}.tflite" for q in QUANTIZATIONS])
+    report = read_report(export_dir)
+    (_, _), (_, y_test) = mnist
+    assert report["passed"] is True and report["test_images"] == len(y_test) == 10000
+    assert report["calibration_images"] == 500 and report["max_drop"] == 0.3
+    assert 0.9 < report["keras_acc"] <= 1
+    for quantize, figures in report["models"].items():
+        path = os.path.join(export_dir, figures["file"])
+        with open(path, "rb") as f:
+            content = f.read()
+        assert figures["size_bytes"] == len(content) and figures["sha256"] == hashlib.sha256(content).hexdigest()
+        assert figures["passed"] and figures["drop_points"] <= 0.3
+        assert figures["drop_points"] == pytest.approx(100 * (report["keras_acc"] - figures["tflite_acc"]))
+        assert 0 < figures["latency_us_p50"] <= figures["latency_us_p99"] and figures["throughput_ips"] > 0
+        assert f"{quantize:8s} acc" in exported["output"]
+    assert "all checks passed" in exported["output"]
+    with open(os.path.join(export_dir, "config.json")) as f:
+        config = ExportConfig(**json.load(f))
+    assert (config.model, config.quantize, config.max_drop, config.calibration) == (
+        exported["run_dir"], "all", 0.3, 500)
+
+
+def test_int8_model_has_uint8_raw_pixel_input_and_is_smaller(exported):
+    models = read_report(exported["export_dir"])["models"]
+    assert models["float32"]["input"] == {"dtype": "float32", "quantization": [0.0, 0]}
+    assert models["float32"]["output"]["dtype"] == "float32"
+    # Calibration saw pixels 0 and 255, so the uint8 input holds raw pixels unchanged.
+    assert models["int8"]["input"] == {"dtype": "uint8", "quantization": [1.0, 0]}
+    scale, zero_point = models["int8"]["output"]["quantization"]
+    assert models["int8"]["output"]["dtype"] == "int8" and scale > 0 and -128 <= zero_point <= 127
+    assert models["int8"]["size_bytes"] < models["float32"]["size_bytes"]
+    assert models["float16"]["size_bytes"] < models["float32"]["size_bytes"]
+
+
+def test_calibration_draws_from_the_training_set(exported, mnist):
+    (x_train, _), (x_test, _) = mnist
+    [(source, count, images)] = exported["calibration_calls"]  # one draw, for int8 only
+    assert count == 500 and images.shape == (500, 28, 28, 1) and images.dtype == np.float32
+    np.testing.assert_array_equal(source, x_train)
+    train_rows = {image.tobytes(): i for i, image in enumerate(x_train)}
+    test_rows = {image.tobytes() for image in x_test}
+    keys = [image[..., 0].astype(np.uint8).tobytes() for image in images]
+    assert all(key in train_rows for key in keys) and len(set(keys)) == 500
+    assert not any(key in test_rows for key in keys)
+
+
+def test_calibration_sampler_rejects_impossible_counts(mnist):
+    (x_train, _), _ = mnist
+    with pytest.raises(KernormError, match="choose between 1 and the 60000"):
+        kernorm.export.calibration_images(x_train, 60001)
+
+
+def test_failed_check_exits_nonzero_and_writes_no_model(exported, tmp_path, data_dir, monkeypatch):
+    """A conversion that really loses accuracy (it converts an untrained network) must be caught."""
+    from kernorm.models import build_model
+
+    real_convert = kernorm.export.convert
+    monkeypatch.setattr(kernorm.export, "convert",
+                        lambda model, quantize, calibration=None: real_convert(build_model("ln"), quantize))
+    out = tmp_path / "bad"
+    result = CliRunner().invoke(main, ["export", exported["run_dir"], "--quantize", "float32", "--out", str(out),
+                                       "--data-dir", data_dir])
+    assert result.exit_code == 1
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: accuracy check failed: float32 dropped ") and "--max-drop 0.3" in last
+    assert "Traceback" not in result.output
+    assert sorted(os.listdir(out)) == ["config.json", "export.json"]
+    report = read_report(out)
+    assert report["passed"] is False
+    assert report["models"]["float32"]["passed"] is False and report["models"]["float32"]["file"] is None
+    assert report["models"]["float32"]["drop_points"] > 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int4"], "Invalid value for '--quantize'"),
+    (["--max-drop", "-1"], "Invalid value for '--max-drop'"),
+    (["--calibration", "0"], "Invalid value for '--calibration'"),
+    (["--calibration", "70000"], "--calibration 70000: choose between 1 and the 60000 training images"),
+])
+def test_bad_export_options_give_one_clear_line(exported, tmp_path, data_dir, args, message):
+    out = tmp_path / "e"
+    result = CliRunner().invoke(main, ["export", exported["run_dir"], "--out", str(out), "--data-dir", data_dir] + args)
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_export_of_a_missing_model_or_into_an_existing_folder(exported, tmp_path, data_dir):
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "nowhere"), "--data-dir", data_dir])
+    assert result.exit_code == 1 and "nowhere not found; pass a run folder or a .keras file" in result.output
+    result = CliRunner().invoke(main, ["export", exported["run_dir"], "--out", exported["run_dir"],
+                                       "--data-dir", data_dir])
+    assert result.exit_code == 1 and "already exists; pass --overwrite" in result.output
