@@ -1,0 +1,73 @@
+"""Training throughput: kernorm's `train` against the study's PyTorch loop, side by side.
+
+For each norm, both run two epochs of full MNIST with the study's set-up
+(batch 128, SGD lr 0.01 momentum 0.9, L2 weight decay 1e-5 = kernorm's
+--l2 5e-6, float32); the first epoch is the warm-up, the second is measured.
+kernorm runs through its real command (`python -m kernorm train`), the peer
+is shared/bench/torch_peer.py beside the repository; each in its own process,
+one after the other.
+
+    python benchmarks/train_throughput.py [--data-dir DIR] [--norms bn,ln,gn]
+
+Prints a table of images/s and the ratio kernorm / PyTorch, and a last line
+`min_ratio=<smallest ratio over the norms>`.
+"""
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER = os.path.join(REPO, "..", "shared", "bench", "torch_peer.py")
+TRAIN_IMAGES = 60000
+
+
+def run(command):
+    """Runs `command`, returns what it printed; on failure shows its error output and stops."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def kernorm_rate(norm, data_dir):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run")
+        run([sys.executable, "-m", "kernorm", "train", "--norm", norm, "--l2", "5e-6", "--epochs", "2",
+             "--data-dir", data_dir, "--out", out])
+        with open(os.path.join(out, "history.csv")) as f:
+            return TRAIN_IMAGES / float(list(csv.DictReader(f))[1]["seconds"])
+
+
+def peer_rate(norm, data_dir):
+    printed = run([sys.executable, PEER, "--norm", norm, "--epochs", "2", "--data-dir", data_dir])
+    return float(re.findall(r"^epoch \d+ train [\d.]+s \((\d+) img/s\)", printed, re.M)[1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR", os.path.join(REPO, "..", "shared", "data", "mnist")))
+    parser.add_argument("--norms", default="bn,ln,gn")
+    args = parser.parse_args()
+    try:
+        import torch  # noqa: F401  (only to say clearly that the peer cannot run)
+    except ImportError:
+        sys.exit("PyTorch is not installed: pip install torch==2.13.0 (the CPU build) to run the peer")
+    if not os.path.isfile(PEER):
+        sys.exit(f"the peer script is missing: expected {os.path.normpath(PEER)}")
+
+    print(f"{'norm':<6}{'kernorm img/s':>15}{'PyTorch img/s':>15}{'ratio':>8}")
+    ratios = []
+    for norm in args.norms.split(","):
+        ours, peer = kernorm_rate(norm, args.data_dir), peer_rate(norm, args.data_dir)
+        ratios.append(ours / peer)
+        print(f"{norm:<6}{ours:>15,.0f}{peer:>15,.0f}{ours / peer:>8.2f}", flush=True)
+    print(f"min_ratio={min(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
