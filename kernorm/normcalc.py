@@ -17,7 +17,7 @@ normalized values are the layer's outputs. Arrays here are laid out
 get them as `(image, row, column, channel)`.
 
 Every number is computed twice: in NumPy, step by step, and by kernorm's own
-Keras layers (`kernorm.layers.create_norm_layer`, BN in training mode). Keras
+Keras layers (`kernorm.norms.create_norm_layer`, BN in training mode). Keras
 does not expose a layer's means and variances, so the check compares every
 value the layers output: a mean off by δ would move all the outputs of its set
 by δ / √(variance + ε).
