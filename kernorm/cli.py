@@ -32,6 +32,14 @@ def main():
     """Normalization and regularization for a tiny CNN: train, compare, export."""
 
 
+def _data_dir(default="Keras's download"):
+    """The --data-dir option every command that reads MNIST shares."""
+    return click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
+                        help=f"Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR]; default: {default}.")
+
+
+_LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
+
 _DEFAULTS = TrainConfig()
 
 
@@ -59,9 +67,8 @@ def _device_list(ctx, param, value):
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
 @click.option("--momentum", type=click.FloatRange(0, 1), default=_DEFAULTS.momentum, show_default=True)
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
-@click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
-              help="Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR]; default: Keras's download.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
+@_data_dir()
+@_LIMIT
 @click.option("--out", default=None, help="Run folder [default: runs/<norm>[-l1_X][-l2_X]-seed<seed>].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--deterministic", is_flag=True, help="TensorFlow op determinism: identical reruns.")
@@ -104,9 +111,8 @@ _RUN = click.Path(exists=True, file_okay=False)
 @click.option("--epochs", type=click.IntRange(min=1), default=ReproduceConfig.epochs, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=ReproduceConfig.out, show_default=True,
               help="Report folder; the run folders go to OUT/runs/<experiment>.")
-@click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
-              help="Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR].")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
+@_data_dir()
+@_LIMIT
 @click.pass_context
 def reproduce(ctx, **options):
     """Run the study's three experiments (BN + L1 + L2, LN + L2, GN + L1) and write its report.
@@ -140,8 +146,7 @@ def plot(runs, out):
 @click.argument("run", type=_RUN)
 @click.option("--count", type=click.IntRange(min=1), default=20, show_default=True, help="Images to show.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Figure file (.png, .pdf, .svg).")
-@click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
-              help="Folder with the MNIST IDX files [env: KERNORM_DATA_DIR; default: the run's own].")
+@_data_dir(default="the run's own")
 def gallery(run, count, out, data_dir):
     """Show the first COUNT test images that RUN's model gets wrong, captioned."""
     from kernorm import reports
@@ -208,8 +213,7 @@ _EXPORT_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Ex
               help="Largest accepted test-accuracy drop from Keras to TFLite, in points.")
 @click.option("--calibration", type=click.IntRange(min=1), default=_EXPORT_DEFAULTS["calibration"],
               show_default=True, help="Training images that calibrate the int8 model.")
-@click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
-              help="Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR]; default: Keras's download.")
+@_data_dir()
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
 def export(overwrite, **options):
     """Convert a trained model to TFLite and check it on the test set with LiteRT.
