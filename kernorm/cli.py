@@ -10,7 +10,7 @@ from kernorm.distribution import STRATEGIES
 from kernorm.errors import KernormError
 from kernorm.export import QUANTIZATIONS, ExportConfig
 from kernorm.study import ReproduceConfig
-from kernorm.train import PRECISIONS, TrainConfig
+from kernorm.train import PRECISIONS, PRESETS, SCHEDULES, TrainConfig
 
 # Quiet TensorFlow's C++ start-up banner before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -52,6 +52,11 @@ def _device_list(ctx, param, value):
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="Start from a run's config.json; options given here override it.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="study", show_default=True,
+              help="Training recipe to start from; options given here override it. Defaults shown are the "
+                   "study's; compact: its network, 15 epochs, lr 0.1 one-cycle, augmentation.")
+@click.option("--architecture", default=_DEFAULTS.architecture, show_default=True,
+              help="Network: study (the study's), or compact (4,670 parameters).")
 @click.option("--norm", type=click.Choice(["none", "bn", "ln", "gn"]), default=_DEFAULTS.norm, show_default=True)
 @click.option("--groups", type=click.IntRange(min=1), default=_DEFAULTS.groups, show_default=True,
               help="Channel groups for gn.")
@@ -66,10 +71,15 @@ def _device_list(ctx, param, value):
 @click.option("--batch-size", type=click.IntRange(min=1), default=_DEFAULTS.batch_size, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
 @click.option("--momentum", type=click.FloatRange(0, 1), default=_DEFAULTS.momentum, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_DEFAULTS.schedule, show_default=True,
+              help="Learning rate: constant, or one-cycle (warm-up to --lr, cosine down to 0).")
+@click.option("--augment/--no-augment", default=_DEFAULTS.augment, show_default=True,
+              help="Rotate and shift training images at random (never test images, never the model).")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @_data_dir()
 @_LIMIT
-@click.option("--out", default=None, help="Run folder [default: runs/<norm>[-l1_X][-l2_X]-seed<seed>].")
+@click.option("--out", default=None,
+              help="Run folder [default: runs/[<architecture>-]<norm>[-l1_X][-l2_X]-seed<seed>].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
 @click.option("--deterministic", is_flag=True, help="TensorFlow op determinism: identical reruns.")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard scalars into the run folder.")
@@ -87,13 +97,14 @@ def _device_list(ctx, param, value):
 @click.option("--backup-every", type=click.IntRange(min=1), default=None,
               help="Back up every N steps within an epoch too [default: at each epoch's end only].")
 @click.pass_context
-def train(ctx, config_file, overwrite, **options):
-    """Train the study's network on MNIST and write a run folder."""
+def train(ctx, config_file, preset, overwrite, **options):
+    """Train a network on MNIST and write a run folder."""
     from kernorm.train import train as run_training
 
-    config = TrainConfig.load(config_file) if config_file else TrainConfig()
-    given = {k: v for k, v in options.items()
-             if not config_file or ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    if config_file and ctx.get_parameter_source("preset") is not ParameterSource.DEFAULT:
+        raise click.UsageError("--config and --preset both give a starting configuration; pass one")
+    config = TrainConfig.load(config_file) if config_file else PRESETS[preset]
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
     config = dataclasses.replace(config, **given)
     metrics = run_training(config, overwrite=overwrite)
     if metrics["interrupted"]:

@@ -1,6 +1,7 @@
 """MNIST: a small IDX reader for offline copies, Keras's download otherwise, and the tf.data input pipeline."""
 
 import gzip
+import math
 import os
 
 import numpy as np
@@ -96,7 +97,46 @@ def load_mnist(data_dir=None):
     return train, test
 
 
-def make_dataset(images, labels, batch_size, shuffle_seed=None):
+# Training-time augmentation: small rotations and shifts, as handwriting varies.
+MAX_ROTATION_DEGREES = 10.0
+MAX_SHIFT_PIXELS = 2.0
+
+
+def augment(images, seed):
+    """Rotates and shifts each image of a batch by its own random amount.
+
+    Each image is turned by an angle drawn uniformly from ±`MAX_ROTATION_DEGREES`
+    about its centre and moved by up to ±`MAX_SHIFT_PIXELS` along each axis
+    (bilinear interpolation; pixels from outside the image are 0, the
+    background of raw MNIST). The draws are stateless: the same `seed` gives
+    the same batch, so a resumed run sees the images it would have seen.
+
+    Args:
+        images: float32 `(batch, H, W, 1)` raw pixels.
+        seed: int32 tensor of shape `(2,)`.
+
+    Returns:
+        The transformed batch, same shape and dtype.
+    """
+    import keras
+    import tensorflow as tf
+
+    n = tf.shape(images)[0]
+    angle = tf.random.stateless_uniform([n], seed, -1.0, 1.0) * (MAX_ROTATION_DEGREES * math.pi / 180)
+    shift = tf.random.stateless_uniform([n, 2], seed + 1, -MAX_SHIFT_PIXELS, MAX_SHIFT_PIXELS)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx = (tf.cast(tf.shape(images)[2], tf.float32) - 1) / 2
+    cy = (tf.cast(tf.shape(images)[1], tf.float32) - 1) / 2
+    # affine_transform maps each output pixel (x, y) to the input pixel it reads:
+    # x_in = cos·x − sin·y + a2, y_in = sin·x + cos·y + b2, a rotation about the centre less the shift.
+    a2 = cx - cos * cx + sin * cy - shift[:, 0]
+    b2 = cy - sin * cx - cos * cy - shift[:, 1]
+    zeros = tf.zeros_like(angle)
+    transform = tf.stack([cos, -sin, a2, sin, cos, b2, zeros, zeros], axis=1)
+    return keras.ops.image.affine_transform(images, transform, interpolation="bilinear", fill_mode="constant")
+
+
+def make_dataset(images, labels, batch_size, shuffle_seed=None, augment_images=False):
     """A tf.data pipeline of `(images, labels)` batches for training or evaluation.
 
     Args:
@@ -104,14 +144,22 @@ def make_dataset(images, labels, batch_size, shuffle_seed=None):
         labels: `(N,)` array of class indices.
         batch_size: images per batch; the last batch may be smaller.
         shuffle_seed: shuffle every epoch from this seed; None keeps the order.
+        augment_images: rotate and shift every image at random (see `augment`),
+            from `shuffle_seed` and the batch's index; needs a `shuffle_seed`.
 
     Returns:
         A `tf.data.Dataset` of float32 `(batch, 28, 28, 1)` raw pixels and int32 labels.
     """
     import tensorflow as tf
 
+    if augment_images and shuffle_seed is None:
+        raise KernormError("augmentation needs a shuffle_seed: it draws from it")
     ds = tf.data.Dataset.from_tensor_slices((images[..., None], labels.astype("int32")))
     if shuffle_seed is not None:
         ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    if augment_images:
+        ds = ds.enumerate().map(
+            lambda i, batch: (augment(batch[0], tf.stack([shuffle_seed, tf.cast(i, tf.int32)])), batch[1]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)

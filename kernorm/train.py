@@ -1,4 +1,4 @@
-"""Training the study's network: configuration, the training loop, and the run folder.
+"""Training: configuration and presets, the training loop, and the run folder.
 
 The loop is a custom step under a `tf.distribute` strategy rather than
 `model.fit`, because Keras 3's `fit` does not run under
@@ -25,17 +25,27 @@ STEPS_PER_CALL = 50
 EVAL_BATCH_SIZE = 1000
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+SCHEDULES = ("constant", "onecycle")
+# The one-cycle schedule: a linear warm-up from lr / WARMUP_DIVISOR to lr over the
+# first WARMUP_FRACTION of all steps, then a cosine decay to 0 at the last step.
+WARMUP_FRACTION = 0.2
+WARMUP_DIVISOR = 25
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a training run; saved as `config.json` in the run folder.
 
-    Defaults are the study's set-up: SGD with constant lr 0.01 and momentum 0.9,
-    batch 128, 25 epochs, seed 1. `batch_size` is the global batch: each
-    step splits it over the strategy's replicas.
+    Defaults are the study's set-up: its network, SGD with constant lr 0.01 and
+    momentum 0.9, batch 128, 25 epochs, seed 1, no augmentation. `PRESETS`
+    holds other recipes. `batch_size` is the global batch: each step splits it
+    over the strategy's replicas. With `schedule="onecycle"`, `lr` is the peak
+    learning rate (see `learning_rate`). `augment` rotates and shifts the
+    training images in the input pipeline (`kernorm.data.augment`); the model
+    never holds it.
     """
 
+    architecture: str = "study"
     norm: str = "bn"
     groups: int = 2
     l1: float = 0.0
@@ -46,6 +56,8 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.01
     momentum: float = 0.9
+    schedule: str = "constant"
+    augment: bool = False
     seed: int = 1
     data_dir: str | None = None
     limit: int | None = None
@@ -61,10 +73,11 @@ class TrainConfig:
 
     @property
     def run_dir(self):
-        """The run folder: `out`, or `runs/<norm>[-l1_X][-l2_X]-seed<seed>`."""
+        """The run folder: `out`, or `runs/[<architecture>-]<norm>[-l1_X][-l2_X]-seed<seed>`
+        (the architecture named unless it is the study's)."""
         if self.out:
             return self.out
-        parts = [self.norm] + [f"{k}_{v:g}" for k, v in (("l1", self.l1), ("l2", self.l2)) if v]
+        parts = [self.architecture] * (self.architecture != "study") + [self.norm] + [f"{k}_{v:g}" for k, v in (("l1", self.l1), ("l2", self.l2)) if v]
         return os.path.join("runs", "-".join(parts + [f"seed{self.seed}"]))
 
     @property
@@ -84,6 +97,31 @@ class TrainConfig:
             return cls(**data)
         except (OSError, ValueError, TypeError) as e:
             raise KernormError(f"{path}: not a kernorm training config ({e})") from None
+
+
+# Training recipes by name; command-line options override their fields.
+PRESETS = {
+    "study": TrainConfig(),
+    "compact": TrainConfig(architecture="compact", epochs=15, lr=0.1, schedule="onecycle", augment=True),
+}
+
+
+def learning_rate(config, steps_per_epoch):
+    """The optimizer's learning rate for `config`: a float, or a schedule over the run's steps.
+
+    "constant" keeps `config.lr`. "onecycle" rises linearly from
+    `lr / WARMUP_DIVISOR` to `lr` over the first `WARMUP_FRACTION` of the
+    steps, then falls along a half cosine to 0 at the last step.
+    """
+    import keras
+
+    if config.schedule == "constant":
+        return config.lr
+    total = config.epochs * steps_per_epoch
+    warmup = max(1, round(total * WARMUP_FRACTION))
+    return keras.optimizers.schedules.CosineDecay(
+        config.lr / WARMUP_DIVISOR, decay_steps=max(1, total - warmup), alpha=0.0,
+        warmup_target=config.lr, warmup_steps=warmup)
 
 
 def _holds_files(folder):
@@ -252,7 +290,8 @@ def _epoch_data(strategy, images, labels, config, epoch, skip):
     """
     from kernorm.data import make_dataset
 
-    dataset = make_dataset(images, labels, config.batch_size, shuffle_seed=config.seed + epoch).skip(skip)
+    dataset = make_dataset(images, labels, config.batch_size, shuffle_seed=config.seed + epoch,
+                           augment_images=config.augment).skip(skip)
     return strategy.experimental_distribute_dataset(dataset.with_options(_shard_by_data()))
 
 
@@ -267,7 +306,7 @@ def _shard_by_data():
 
 
 def train(config, overwrite=False, verbose=True):
-    """Trains the study's network as `config` says and writes its run folder.
+    """Trains the network `config` names (the study's by default) and writes its run folder.
 
     The folder gets `config.json`, then after every epoch `history.csv`,
     `metrics.json` and `model.keras` (the weights after that epoch, float32
@@ -291,9 +330,13 @@ def train(config, overwrite=False, verbose=True):
     """
     from kernorm.data import load_mnist
     from kernorm.distribution import plan_strategy
+    from kernorm.models import ARCHITECTURES
 
-    if config.precision not in PRECISIONS:
-        raise KernormError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    for what, value, choices in (("architecture", config.architecture, ARCHITECTURES),
+                                 ("schedule", config.schedule, SCHEDULES),
+                                 ("precision", config.precision, PRECISIONS)):
+        if value not in choices:
+            raise KernormError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
     plan = plan_strategy(config.strategy, config.devices, config.cpu_replicas)
     (x_train, y_train), test = load_mnist(config.data_dir)
     if config.limit:
@@ -321,7 +364,7 @@ def _train(config, plan, resume, out, train_data, test_data, verbose):
     if config.deterministic:  # for the rest of the process: TensorFlow cannot turn it off again
         tf.config.experimental.enable_op_determinism()
     (x_train, y_train), (x_test, y_test) = train_data, test_data
-    architecture = dict(norm=config.norm, l1=config.l1, l2=config.l2, dropout=config.dropout,
+    architecture = dict(architecture=config.architecture, norm=config.norm, l1=config.l1, l2=config.l2, dropout=config.dropout,
                         dropout_layers=config.dropout_layers, groups=config.groups)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size < replicas:
@@ -332,10 +375,12 @@ def _train(config, plan, resume, out, train_data, test_data, verbose):
     leftover = len(x_train) % config.batch_size
     if leftover < replicas:
         x_train, y_train = x_train[:len(x_train) - leftover], y_train[:len(y_train) - leftover]
+    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     with strategy.scope():  # the model, optimizer and input pipeline the replicas share
         with dtype_policy(config.precision):
             model = build_model(**architecture, sync_bn=replicas > 1)
-        optimizer = keras.optimizers.SGD(learning_rate=config.lr, momentum=config.momentum)
+        optimizer = keras.optimizers.SGD(learning_rate=learning_rate(config, steps_per_epoch),
+                                         momentum=config.momentum)
         if config.precision == "mixed_float16":  # float16 gradients underflow without loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
@@ -365,7 +410,6 @@ def _train(config, plan, resume, out, train_data, test_data, verbose):
     else:
         backup.save(0, 0, tf.zeros(3), 0.0, [])
 
-    steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     test_steps = math.ceil(len(x_test) / EVAL_BATCH_SIZE)
     every = config.backup_every or steps_per_epoch
     params = count_trainable(model)

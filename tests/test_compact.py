@@ -1,0 +1,130 @@
+"""The compact preset: its network, its learning-rate schedule and its augmentation."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kernorm.cli import main
+from kernorm.data import make_dataset
+from kernorm.models import build_model, count_trainable, load_model
+from kernorm.train import PRESETS, WARMUP_DIVISOR, TrainConfig, learning_rate
+
+
+@pytest.fixture(scope="module")
+def compact_run(tmp_path_factory, data_dir):
+    """`kernorm train --preset compact` for 2 epochs on 640 images: (run folder, CLI output)."""
+    run_dir = str(tmp_path_factory.mktemp("runs") / "compact")
+    result = CliRunner().invoke(main, ["train", "--preset", "compact", "--norm", "gn", "--epochs", "2",
+                                       "--limit", "640", "--data-dir", data_dir, "--out", run_dir])
+    assert result.exit_code == 0, result.output
+    return run_dir, result.output
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_compact_network_keeps_the_parameter_budget(norm):
+    model = build_model(norm, architecture="compact")
+    assert count_trainable(model) == 4670 <= 4700
+    assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
+    # Built from the factories: two conv blocks and a transition between them.
+    assert [layer.name for layer in model.layers] == ["normalize_pixels", "block1", "transition1", "block2",
+                                                      "pool", "logits"]
+
+
+def test_onecycle_schedule_warms_up_peaks_and_ends_at_zero():
+    config = TrainConfig(epochs=15, lr=0.1, schedule="onecycle")
+    schedule = learning_rate(config, steps_per_epoch=100)
+    lr = np.array([float(schedule(step)) for step in range(0, 1501)])
+    peak = int(lr.argmax())
+    assert peak == 300  # 20 % of 1,500 steps
+    assert lr[0] == pytest.approx(0.1 / WARMUP_DIVISOR) and lr[peak] == pytest.approx(0.1)
+    assert np.all(np.diff(lr[:peak + 1]) > 0) and np.all(np.diff(lr[peak:]) <= 0)
+    assert lr[900] == pytest.approx(0.05, rel=1e-3)  # half-way down the cosine
+    assert lr[-1] == pytest.approx(0.0, abs=1e-9)
+    assert learning_rate(TrainConfig(lr=0.01), steps_per_epoch=100) == 0.01
+
+
+def test_augmentation_is_seeded_and_keeps_labels(mnist):
+    (x_train, y_train), _ = mnist
+    x, y = x_train[:256], y_train[:256]
+
+    def first_batch(seed, augment_images):
+        images, labels = next(iter(make_dataset(x, y, 128, shuffle_seed=seed, augment_images=augment_images)))
+        return images.numpy(), labels.numpy()
+
+    plain, plain_labels = first_batch(3, False)
+    moved, moved_labels = first_batch(3, True)
+    again, _ = first_batch(3, True)
+    other, _ = first_batch(4, True)
+    np.testing.assert_array_equal(moved, again)
+    np.testing.assert_array_equal(moved_labels, plain_labels)
+    assert moved.shape == plain.shape and moved.dtype == plain.dtype
+    changed = np.abs(moved - plain).reshape(len(moved), -1).max(axis=1) > 0
+    assert changed.mean() > 0.95
+    # Small moves: the ink stays roughly the same and stays within the pixel range.
+    assert moved.min() >= 0 and moved.max() <= 255
+    np.testing.assert_allclose(moved.sum(axis=(1, 2, 3)), plain.sum(axis=(1, 2, 3)), rtol=0.25)
+    assert not np.array_equal(first_batch(4, False)[0], other)
+
+
+def test_compact_preset_writes_its_recipe_and_command_line_overrides_it(compact_run):
+    run_dir, output = compact_run
+    config = TrainConfig.load(os.path.join(run_dir, "config.json"))
+    compact = PRESETS["compact"]
+    assert (config.architecture, config.schedule, config.augment, config.lr) == (
+        "compact", "onecycle", True, compact.lr)
+    assert (config.norm, config.epochs, config.limit) == ("gn", 2, 640)
+    assert "Trainable parameters: 4,670" in output
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        assert json.load(f)["params"] == 4670
+
+
+def test_saved_compact_model_holds_no_augmentation_and_evaluates_on_plain_images(compact_run, mnist):
+    run_dir, _ = compact_run
+    model = load_model(os.path.join(run_dir, "model.keras"))
+    kinds = {type(inner).__name__ for layer in model.layers for inner in getattr(layer, "layers", [layer])}
+    assert kinds == {"Rescaling", "Conv2D", "Activation", "GroupNorm", "AveragePooling2D",
+                     "GlobalAveragePooling2D", "Dense"}
+    (_, _), (x_test, y_test) = mnist
+    images = x_test[..., None].astype("float32")
+    first = model.predict(images, verbose=0)
+    np.testing.assert_array_equal(first, model.predict(images, verbose=0))
+    # The history's test accuracy is the saved model's on the untouched test images.
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        final = json.load(f)["final_test_acc"]
+    assert (first.argmax(-1) == y_test).mean() == pytest.approx(final, abs=1e-4)
+
+
+def test_exported_compact_model_has_no_image_transform(compact_run):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from kernorm.export import convert
+
+    run_dir, _ = compact_run
+    model = load_model(os.path.join(run_dir, "model.keras"))
+    interpreter = Interpreter(model_content=convert(model, "float32"))
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert "CONV_2D" in ops and not any("TRANSFORM" in op or "FLEX" in op.upper() for op in ops)
+    interpreter.allocate_tensors()
+    pixels = keras.random.uniform((1, 28, 28, 1), 0, 255, seed=0).numpy()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], pixels)
+    interpreter.invoke()
+    np.testing.assert_allclose(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]),
+                               model(pixels).numpy(), atol=1e-4)
+
+
+def test_unknown_architecture_is_one_clear_line(tmp_path, data_dir):
+    result = CliRunner().invoke(main, ["train", "--architecture", "huge", "--limit", "64", "--data-dir", data_dir,
+                                       "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: unknown architecture 'huge'; choose one of study, compact"
+
+
+def test_preset_and_config_together_are_refused(compact_run, data_dir):
+    run_dir, _ = compact_run
+    result = CliRunner().invoke(main, ["train", "--preset", "compact", "--config",
+                                       os.path.join(run_dir, "config.json")])
+    assert result.exit_code == 2 and "--config and --preset" in result.output
