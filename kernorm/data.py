@@ -98,8 +98,8 @@ def load_mnist(data_dir=None):
 
 
 # Training-time augmentation: small rotations and shifts, as handwriting varies.
-MAX_ROTATION_DEGREES = 10.0
-MAX_SHIFT_PIXELS = 2.0
+MAX_ROTATION_DEGREES = 7.0
+MAX_SHIFT_PIXELS = 1.0
 
 
 def augment(images, seed):
