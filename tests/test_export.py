@@ -112,3 +112,22 @@ def test_export_of_a_missing_model_or_into_an_existing_folder(exported, tmp_path
     result = CliRunner().invoke(main, ["export", exported["run_dir"], "--out", exported["run_dir"],
                                        "--data-dir", data_dir])
     assert result.exit_code == 1 and "already exists; pass --overwrite" in result.output
+
+
+@pytest.mark.parametrize("norm", ["ln", "gn", "bn"])
+def test_int8_models_are_integer_throughout(norm, mnist):
+    """No float islands: the only QUANTIZE is the uint8 input's, and nothing is dequantized."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from kernorm.models import build_model
+
+    (x_train, _), _ = mnist
+    flatbuffer = kernorm.export.convert(build_model(norm), "int8", kernorm.export.calibration_images(x_train, 20))
+    interpreter = Interpreter(model_content=flatbuffer,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    ops = [op["op_name"] for op in interpreter._get_ops_details()]
+    assert ops.count("QUANTIZE") == 1 and "DEQUANTIZE" not in ops
+    float_tensors = [t["name"] for t in interpreter.get_tensor_details()
+                     if t["dtype"] == np.float32 and t["name"] and "shape" not in t["name"].lower()]
+    assert not float_tensors
