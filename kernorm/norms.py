@@ -101,15 +101,13 @@ def normalize_for_inference(x, gamma, beta, groups, epsilon):
     Returns:
         `(x − mean) / sqrt(var + epsilon) · gamma + beta`, shaped like `x`.
     """
-    channels = x.shape[-1]
-    per_group = channels // groups
-    same_group = np.kron(np.eye(groups), np.ones((per_group, per_group))) / per_group
-    average = keras.ops.cast(same_group[None, None], x.dtype)
-
     def group_mean(t):  # (batch, 1, 1, channels): each channel gets its group's mean of t
         if groups == 1:  # one MEAN over everything: about 6 % faster at batch 1 than the conv
             return keras.ops.mean(t, axis=(1, 2, 3), keepdims=True)
-        return keras.ops.conv(keras.ops.mean(t, axis=(1, 2), keepdims=True), average)
+        per_group = t.shape[-1] // groups
+        same_group = np.kron(np.eye(groups), np.ones((per_group, per_group))) / per_group
+        return keras.ops.conv(keras.ops.mean(t, axis=(1, 2), keepdims=True),
+                              keras.ops.cast(same_group[None, None], t.dtype))
 
     mean = group_mean(x)
     var = group_mean(x * x) - mean * mean

@@ -77,7 +77,8 @@ class TrainConfig:
         (the architecture named unless it is the study's)."""
         if self.out:
             return self.out
-        parts = [self.architecture] * (self.architecture != "study") + [self.norm] + [f"{k}_{v:g}" for k, v in (("l1", self.l1), ("l2", self.l2)) if v]
+        parts = [] if self.architecture == "study" else [self.architecture]
+        parts += [self.norm] + [f"{k}_{v:g}" for k, v in (("l1", self.l1), ("l2", self.l2)) if v]
         return os.path.join("runs", "-".join(parts + [f"seed{self.seed}"]))
 
     @property
