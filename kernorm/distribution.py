@@ -12,7 +12,7 @@ import json
 import os
 import re
 
-from kernorm.errors import KernormError
+from kernorm.errors import KernormError, check_choice
 
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
 # The task types MultiWorkerMirroredStrategy runs; "ps" and "evaluator" belong to other set-ups.
@@ -125,8 +125,7 @@ def choose_strategy(name, gpus, devices=None, cpu_replicas=None, tf_config=None)
         strategy without GPUs; "mirrored" uses `devices`, else the
         `cpu_replicas` logical CPUs, else all GPUs.
     """
-    if name not in STRATEGIES:
-        raise KernormError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    check_choice("strategy", name, STRATEGIES)
     if cpu_replicas is not None and name != "mirrored":
         raise KernormError(f"--cpu-replicas works with --strategy mirrored only, not {name}")
     if cpu_replicas is not None and cpu_replicas < 1:

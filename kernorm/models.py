@@ -7,7 +7,7 @@ import os
 import keras
 from keras import layers
 
-from kernorm.errors import KernormError
+from kernorm.errors import KernormError, check_choice
 from kernorm.layers import TORCH_INIT, conv_block, kernel_regularizer, trans_block
 
 # MNIST's pixel mean and standard deviation on [0, 1], as the study normalised.
@@ -88,8 +88,7 @@ def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", 
         A `keras.Sequential`. Input `(batch, 28, 28, 1)` raw pixels in 0–255,
         output `(batch, 10)` logits.
     """
-    if architecture not in ARCHITECTURES:
-        raise KernormError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+    check_choice("architecture", architecture, ARCHITECTURES)
     block = dict(norm=norm, groups=groups, dropout=dropout, dropout_layers=dropout_layers,
                  l1=l1, l2=l2, sync_bn=sync_bn)
     return keras.Sequential([

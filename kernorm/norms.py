@@ -13,7 +13,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from kernorm.errors import KernormError
+from kernorm.errors import KernormError, check_choice
 
 # PyTorch's defaults, which the study trained with: eps 1e-5, and BatchNorm2d's
 # momentum 0.1 is Keras's 0.9 (Keras weighs the old moving value, PyTorch the new).
@@ -220,7 +220,6 @@ def create_norm_layer(norm, channels, groups=2, sync_bn=False):
         A Keras layer, or None for no normalization.
     """
     key = "none" if norm is None else str(norm).lower()
-    if key not in NORMS:
-        raise KernormError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    check_choice("norm", key, NORMS)
     factory = NORMS[key]
     return factory(channels, groups, sync_bn) if factory else None

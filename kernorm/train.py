@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 
-from kernorm.errors import KernormError
+from kernorm.errors import KernormError, check_choice
 from kernorm.files import atomic_path, remove_leftovers, write_json, write_text
 
 # Training steps run per call into the compiled graph: fewer Python round trips.
@@ -333,11 +333,9 @@ def train(config, overwrite=False, verbose=True):
     from kernorm.distribution import plan_strategy
     from kernorm.models import ARCHITECTURES
 
-    for what, value, choices in (("architecture", config.architecture, ARCHITECTURES),
-                                 ("schedule", config.schedule, SCHEDULES),
-                                 ("precision", config.precision, PRECISIONS)):
-        if value not in choices:
-            raise KernormError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+    check_choice("architecture", config.architecture, ARCHITECTURES)
+    check_choice("schedule", config.schedule, SCHEDULES)
+    check_choice("precision", config.precision, PRECISIONS)
     plan = plan_strategy(config.strategy, config.devices, config.cpu_replicas)
     (x_train, y_train), test = load_mnist(config.data_dir)
     if config.limit:
@@ -365,8 +363,8 @@ def _train(config, plan, resume, out, train_data, test_data, verbose):
     if config.deterministic:  # for the rest of the process: TensorFlow cannot turn it off again
         tf.config.experimental.enable_op_determinism()
     (x_train, y_train), (x_test, y_test) = train_data, test_data
-    architecture = dict(architecture=config.architecture, norm=config.norm, l1=config.l1, l2=config.l2, dropout=config.dropout,
-                        dropout_layers=config.dropout_layers, groups=config.groups)
+    architecture = dict(architecture=config.architecture, norm=config.norm, l1=config.l1, l2=config.l2,
+                        dropout=config.dropout, dropout_layers=config.dropout_layers, groups=config.groups)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size < replicas:
         raise KernormError(f"--batch-size {config.batch_size} is smaller than the {replicas} replicas; "
