@@ -2,15 +2,16 @@
 
 `BatchNorm`, `GroupNorm` and `LayerNorm` are Keras's own layers (same weights,
 same config) with a cheaper training computation: one pass for the sums, one
-for the output, and a hand-written gradient. Keras's versions differentiate
-every broadcast and moment op separately, and those element-wise passes cost
-more than the convolutions in the study's network. `GroupNorm` and `LayerNorm`
+for the output, and a hand-written gradient, each direction compiled with XLA.
+Keras's versions differentiate every broadcast and moment op separately, and
+those element-wise passes cost more than the convolutions in the study's network. `GroupNorm` and `LayerNorm`
 also compute inference their own way, one that converts to a full-integer
 TFLite model (see `normalize_for_inference`).
 """
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
 
 from kernorm.errors import KernormError, check_choice
@@ -39,44 +40,59 @@ def normalize_groups(x, gamma, beta, groups, epsilon):
         `(y, mean, variance)`: `y` shaped and typed like `x`; mean and variance
         `(rows, groups)` in float32, without gradient (they feed moving statistics).
     """
-    import tensorflow as tf
-
-    channels = x.shape[-1]
-    per_group = channels // groups
-    count = tf.cast(tf.shape(x)[1] * per_group, tf.float32)
-
-    def group_sum(t):  # (rows, channels) -> (rows, groups)
-        return tf.reduce_sum(tf.reshape(t, (-1, groups, per_group)), -1)
-
-    def spread(t):  # (rows, groups) -> (rows, channels)
-        return tf.reshape(tf.repeat(t[:, :, None], per_group, axis=2), (-1, channels))
-
     @tf.custom_gradient
-    def forward(x, gamma, beta):
-        mean = group_sum(tf.reduce_sum(x, 1)) / count
-        var = tf.maximum(group_sum(tf.reduce_sum(tf.square(x), 1)) / count - tf.square(mean), 0.0)
-        inv = tf.math.rsqrt(var + epsilon)
-        scale = gamma * spread(inv)
-        shift = beta - spread(mean) * scale
-        y = x * scale[:, None] + shift[:, None]
-
-        def backward(dy, *_):
-            # With x̂ = (x − m)·inv and g = dy·γ: dx = inv·(g − mean(g) − x̂·mean(g·x̂)),
-            # which is dy·scale + x·a + b with a, b constant per row and group.
-            dy_sum = tf.reduce_sum(dy, 1)
-            dy_centred = tf.reduce_sum(dy * x, 1) - spread(mean) * dy_sum  # Σ dy·(x − m)
-            mean_g = group_sum(gamma * dy_sum) / count
-            mean_gx = inv * group_sum(gamma * dy_centred) / count
-            a = spread(-tf.square(inv) * mean_gx)
-            b = spread(-inv * mean_g + tf.square(inv) * mean * mean_gx)
-            dx = dy * scale[:, None] + (x * a[:, None] + b[:, None])
-            return dx, tf.reduce_sum(spread(inv) * dy_centred, 0), tf.reduce_sum(dy_sum, 0)
-
-        return (y, mean, var), backward
+    def normalize(x, gamma, beta):
+        y, mean, var, inv = _forward(x, gamma, beta, groups, epsilon)
+        return (y, mean, var), lambda dy, *_: _backward(dy, x, gamma, mean, inv, groups)
 
     f32 = tf.float32
-    y, mean, var = forward(tf.cast(x, f32), tf.cast(gamma, f32), tf.cast(beta, f32))
+    y, mean, var = normalize(tf.cast(x, f32), tf.cast(gamma, f32), tf.cast(beta, f32))
     return tf.cast(y, x.dtype), mean, var
+
+
+# XLA fuses each direction's element-wise passes and reductions into a few loops:
+# 20-30 % more training steps per second on a CPU (README, "Training speed").
+# Only these ops: XLA's own convolutions are slower than oneDNN's. The gradient
+# stays outside the compiled functions: a tf.function with a custom gradient
+# inside lost gradients when two replicas traced it with different batch sizes.
+@tf.function(jit_compile=True)
+def _forward(x, gamma, beta, groups, epsilon):
+    """`normalize_groups`'s output, mean and variance, and 1 / sqrt(variance + epsilon)."""
+    count = _count(x, groups)
+    mean = _group_sum(tf.reduce_sum(x, 1), groups) / count
+    var = tf.maximum(_group_sum(tf.reduce_sum(tf.square(x), 1), groups) / count - tf.square(mean), 0.0)
+    inv = tf.math.rsqrt(var + epsilon)
+    scale = gamma * _spread(inv, x.shape[-1])
+    shift = beta - _spread(mean, x.shape[-1]) * scale
+    return x * scale[:, None] + shift[:, None], mean, var, inv
+
+
+@tf.function(jit_compile=True)
+def _backward(dy, x, gamma, mean, inv, groups):
+    """Gradients of `normalize_groups`'s output `dy` with respect to x, gamma and beta."""
+    # With x̂ = (x − m)·inv and g = dy·γ: dx = inv·(g − mean(g) − x̂·mean(g·x̂)),
+    # which is dy·scale + x·a + b with a, b constant per row and group.
+    count, channels = _count(x, groups), x.shape[-1]
+    dy_sum = tf.reduce_sum(dy, 1)
+    dy_centred = tf.reduce_sum(dy * x, 1) - _spread(mean, channels) * dy_sum  # Σ dy·(x − m)
+    mean_g = _group_sum(gamma * dy_sum, groups) / count
+    mean_gx = inv * _group_sum(gamma * dy_centred, groups) / count
+    a = _spread(-tf.square(inv) * mean_gx, channels)
+    b = _spread(-inv * mean_g + tf.square(inv) * mean * mean_gx, channels)
+    dx = dy * (gamma * _spread(inv, channels))[:, None] + (x * a[:, None] + b[:, None])
+    return dx, tf.reduce_sum(_spread(inv, channels) * dy_centred, 0), tf.reduce_sum(dy_sum, 0)
+
+
+def _count(x, groups):  # values behind each statistic: positions × channels per group
+    return tf.cast(tf.shape(x)[1] * (x.shape[-1] // groups), tf.float32)
+
+
+def _group_sum(t, groups):  # (rows, channels) -> (rows, groups)
+    return tf.reduce_sum(tf.reshape(t, (-1, groups, t.shape[-1] // groups)), -1)
+
+
+def _spread(t, channels):  # (rows, groups) -> (rows, channels): each group's value on its channels
+    return tf.reshape(tf.repeat(t[:, :, None], channels // t.shape[-1], axis=2), (-1, channels))
 
 
 def normalize_for_inference(x, gamma, beta, groups, epsilon):
@@ -130,8 +146,6 @@ class BatchNorm(layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not training or self.synchronized:
             return super().call(inputs, training=training, mask=mask)
-        import tensorflow as tf
-
         channels = inputs.shape[-1]
         y, mean, var = normalize_groups(tf.reshape(inputs, (1, -1, channels)), self.gamma.value,
                                         self.beta.value, channels, self.epsilon)
@@ -154,8 +168,6 @@ class GroupNorm(layers.GroupNormalization):
     def call(self, inputs, training=None):
         if not training:
             return normalize_for_inference(inputs, self.gamma, self.beta, self.groups, self.epsilon)
-        import tensorflow as tf
-
         y, _, _ = normalize_groups(tf.reshape(inputs, (tf.shape(inputs)[0], -1, inputs.shape[-1])),
                                    self.gamma.value, self.beta.value, self.groups, self.epsilon)
         return tf.reshape(y, tf.shape(inputs))
