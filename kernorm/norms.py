@@ -4,9 +4,9 @@
 same config) with a cheaper training computation: one pass for the sums, one
 for the output, and a hand-written gradient, each direction compiled with XLA.
 Keras's versions differentiate every broadcast and moment op separately, and
-those element-wise passes cost more than the convolutions in the study's network. `GroupNorm` and `LayerNorm`
-also compute inference their own way, one that converts to a full-integer
-TFLite model (see `normalize_for_inference`).
+those element-wise passes cost more than the convolutions in the study's
+network. `GroupNorm` and `LayerNorm` also compute inference their own way, one
+that converts to a full-integer TFLite model (see `normalize_for_inference`).
 """
 
 import keras
@@ -73,14 +73,15 @@ def _backward(dy, x, gamma, mean, inv, groups):
     # With x̂ = (x − m)·inv and g = dy·γ: dx = inv·(g − mean(g) − x̂·mean(g·x̂)),
     # which is dy·scale + x·a + b with a, b constant per row and group.
     count, channels = _count(x, groups), x.shape[-1]
+    inv_per_channel = _spread(inv, channels)
     dy_sum = tf.reduce_sum(dy, 1)
     dy_centred = tf.reduce_sum(dy * x, 1) - _spread(mean, channels) * dy_sum  # Σ dy·(x − m)
     mean_g = _group_sum(gamma * dy_sum, groups) / count
     mean_gx = inv * _group_sum(gamma * dy_centred, groups) / count
     a = _spread(-tf.square(inv) * mean_gx, channels)
     b = _spread(-inv * mean_g + tf.square(inv) * mean * mean_gx, channels)
-    dx = dy * (gamma * _spread(inv, channels))[:, None] + (x * a[:, None] + b[:, None])
-    return dx, tf.reduce_sum(_spread(inv, channels) * dy_centred, 0), tf.reduce_sum(dy_sum, 0)
+    dx = dy * (gamma * inv_per_channel)[:, None] + (x * a[:, None] + b[:, None])
+    return dx, tf.reduce_sum(inv_per_channel * dy_centred, 0), tf.reduce_sum(dy_sum, 0)
 
 
 def _count(x, groups):  # values behind each statistic: positions × channels per group
