@@ -1,12 +1,14 @@
-"""Where a training step's time goes: the study's network with each norm and without one, and one convolution.
+"""Where a training step's time goes: the study's network with and without each norm, and one convolution.
 
     PYTHONPATH=. python benchmarks/step_time.py [ROUNDS] [STEPS]
 
-Builds the study's network for no norm, bn, ln and gn with kernorm's compiled training step
-(`kernorm.train.make_steps`: default strategy, SGD momentum 0.9, --l2 5e-6, batch 128, float32),
-then times ROUNDS chunks (default 5) of STEPS steps (default 50) of each, one network after the
-other. Prints the median milliseconds per step and images per second of each, then the time of one 3×3, 10 → 10 channel
-convolution at 26×26 (the study's second layer), forward and both gradients, in NHWC and in NCHW.
+Builds the study's network for no norm, bn, ln and gn with kernorm's compiled
+training step (`kernorm.train.make_steps`: default strategy, SGD momentum 0.9,
+--l2 5e-6, batch 128, float32), then times ROUNDS chunks (default 5) of STEPS
+steps (default 50) of each, one network after the other. Prints the median
+milliseconds per step and images per second of each, then the time of one 3×3,
+10 → 10 channel convolution at 26×26 (the study's second layer), forward and
+both gradients, in NHWC and in NCHW.
 """
 
 import statistics
