@@ -8,7 +8,8 @@ training step (`kernorm.train.make_steps`: default strategy, SGD momentum 0.9,
 steps (default 50) of each, one network after the other. Prints the median
 milliseconds per step and images per second of each, then the time of one 3×3,
 10 → 10 channel convolution at 26×26 (the study's second layer), forward and
-both gradients, in NHWC and in NCHW.
+both gradients, in NHWC and in NCHW, and of kernorm's BN on that feature map,
+with the memory bandwidth it reaches against a NumPy copy's.
 """
 
 import statistics
@@ -16,14 +17,19 @@ import sys
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kernorm.data import load_mnist, make_dataset
 from kernorm.models import build_model
+from kernorm.norms import normalize_groups
 from kernorm.train import make_steps
 
 BATCH = 128
-CONV_CALLS = 50
+CALLS = 50
+FEATURE_MAP = (BATCH, 26, 26, 10)  # the study's second layer
+NORM_PASSES = 7
+COPY_BYTES = 64 << 20
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 50
 (x_train, y_train), _ = load_mnist()
@@ -50,8 +56,17 @@ for norm in ("none", "bn", "ln", "gn"):
     print(f"{norm:<6}{step * 1000:>9.1f}{BATCH / step:>8,.0f}", flush=True)
 
 
+def ms_per_call(function):
+    """Milliseconds per call of `function`, after one call to trace and warm it up."""
+    function()
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        function()
+    return (time.perf_counter() - start) / CALLS * 1000
+
+
 def conv_ms(data_format):
-    shape = (BATCH, 26, 26, 10) if data_format == "NHWC" else (BATCH, 10, 26, 26)
+    shape = FEATURE_MAP if data_format == "NHWC" else (BATCH, 10, 26, 26)
     x, kernel = tf.random.normal(shape), tf.random.normal((3, 3, 10, 10))
 
     @tf.function
@@ -61,13 +76,35 @@ def conv_ms(data_format):
             y = tf.nn.conv2d(x, kernel, 1, "VALID", data_format=data_format)
         return tape.gradient(y, [x, kernel], output_gradients=tf.ones_like(y))
 
-    forward_backward()
-    start = time.perf_counter()
-    for _ in range(CONV_CALLS):
-        forward_backward()
-    return (time.perf_counter() - start) / CONV_CALLS * 1000
+    return ms_per_call(forward_backward)
+
+
+def norm_ms():
+    x, dy, gamma, beta = tf.random.normal(FEATURE_MAP), tf.random.normal(FEATURE_MAP), tf.ones(10), tf.zeros(10)
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y, _, _ = normalize_groups(tf.reshape(x, (1, -1, 10)), gamma, beta, 10, 1e-5)
+        return tape.gradient(y, [x, gamma, beta], output_gradients=tf.reshape(dy, (1, -1, 10)))
+
+    return ms_per_call(forward_backward)
+
+
+def copy_gb_per_s():
+    source = np.random.rand(COPY_BYTES // 8)
+    target = np.empty_like(source)
+    return 2 * COPY_BYTES / 1e9 / (ms_per_call(lambda: np.copyto(target, source)) / 1000)
 
 
 for data_format in ("NHWC", "NCHW"):
     print(f"conv 3x3 10->10 at 26x26, batch {BATCH}, forward + gradients, {data_format}: "
           f"{conv_ms(data_format):.2f} ms")
+# The fewest passes over the map a norm can make: its sums and its output forward (x read
+# twice, y written), the gradient's sums and dx backward (x and dy read twice, dx written).
+map_bytes = np.prod(FEATURE_MAP) * 4
+norm = norm_ms()
+print(f"kernorm BN forward + gradients on the same map ({map_bytes / 1e6:.1f} MB): {norm:.2f} ms, "
+      f"{NORM_PASSES} passes = {NORM_PASSES * map_bytes / 1e6 / norm:.1f} GB/s; "
+      f"NumPy copy of {COPY_BYTES >> 20} MiB: {copy_gb_per_s():.1f} GB/s (read + write)")
