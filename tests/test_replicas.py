@@ -10,11 +10,13 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from kernorm.models import load_model, weights_digest
+from test_resume import assert_same_run, backed_up_epochs, read_history
 
 HERE = pathlib.Path(__file__).parent
 TIMEOUT = 480  # seconds; generous for a machine shared with other TensorFlow jobs
@@ -83,27 +85,42 @@ def free_ports(count):
             s.close()
 
 
-def test_two_workers_train_in_sync(tmp_path, data_dir):
-    """Every worker runs the same command; the chief writes the run folder, the other worker only scratch."""
+def start_workers(command, scratch_root):
+    """Starts `command` as both workers of a fresh two-worker cluster on 127.0.0.1; returns the processes."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "kernorm", "train", "--strategy", "multi-worker", "--norm", "bn",
-               "--epochs", "1", "--limit", "512", "--data-dir", data_dir, "--out", str(run_dir)]
     workers = []
+    for index in range(2):
+        scratch = scratch_root / f"tmp{index}"
+        scratch.mkdir(parents=True)
+        env = {**os.environ, "TMPDIR": str(scratch),
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True))
+    return workers
+
+
+def finish(workers):
+    """Waits for the workers and returns their outputs; any still running after TIMEOUT is killed."""
     try:
-        for index in range(2):
-            scratch = tmp_path / f"tmp{index}"
-            scratch.mkdir()
-            env = {**os.environ, "TMPDIR": str(scratch),
-                   "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-            workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                            text=True))
-        outputs = [worker.communicate(timeout=TIMEOUT)[0] for worker in workers]
+        return [worker.communicate(timeout=TIMEOUT)[0] for worker in workers]
     finally:
         for worker in workers:
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
+
+
+def multi_worker_command(data_dir, run_dir, epochs):
+    return [sys.executable, "-m", "kernorm", "train", "--strategy", "multi-worker", "--norm", "bn",
+            "--epochs", str(epochs), "--limit", "640", "--deterministic", "--data-dir", data_dir,
+            "--out", str(run_dir)]
+
+
+def test_two_workers_train_in_sync(tmp_path, data_dir):
+    """Every worker runs the same command; the chief writes the run folder, the other worker only scratch."""
+    run_dir = tmp_path / "run"
+    workers = start_workers(multi_worker_command(data_dir, run_dir, epochs=1), tmp_path)
+    outputs = finish(workers)
     assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     digests = [re.search(r"Final weights digest (\w+)", output)[1] for output in outputs]
     assert "(the chief wrote the run folder)" in outputs[1]
@@ -111,3 +128,37 @@ def test_two_workers_train_in_sync(tmp_path, data_dir):
     assert weights_digest(load_model(str(run_dir / "model.keras"))) == digests[0] == digests[1]
     assert "2 replica(s)" in outputs[0] and "BN statistics synchronized" in outputs[0]
     assert os.listdir(tmp_path / "tmp1") == []  # the other worker's scratch space is gone
+
+
+def test_two_killed_workers_resume_with_the_same_command(tmp_path, data_dir):
+    """Both workers SIGKILLed after epoch 2: started again, both resume and end as an unbroken run."""
+    run_dir = tmp_path / "run"
+    command = multi_worker_command(data_dir, run_dir, epochs=6)
+    workers = start_workers(command, tmp_path / "killed")
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while backed_up_epochs(str(run_dir / "backup")) < 2 and all(w.poll() is None for w in workers):
+            assert time.monotonic() < deadline, "epoch 2 was not backed up in time"
+            time.sleep(0.05)
+        assert all(w.poll() is None for w in workers), "a worker ended before it could be killed"
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    assert 2 <= len(read_history(run_dir)) < 6
+
+    workers = start_workers(command, tmp_path / "resumed")
+    outputs = finish(workers)
+    assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    for output in outputs:
+        assert f"Resuming the unfinished run in {run_dir} from its backup" in output
+        assert "Epoch 1/6" not in output and "Epoch 6/6" in output
+    assert sorted(os.listdir(run_dir)) == ["config.json", "history.csv", "metrics.json", "model.keras"]
+    digests = [re.search(r"Final weights digest (\w+)", output)[1] for output in outputs]
+    assert digests[0] == digests[1]
+
+    reference_dir = tmp_path / "reference"
+    workers = start_workers(multi_worker_command(data_dir, reference_dir, epochs=6), tmp_path / "reference_tmp")
+    finish(workers)
+    assert [worker.returncode for worker in workers] == [0, 0]
+    assert_same_run(run_dir, reference_dir)
