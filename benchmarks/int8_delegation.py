@@ -14,11 +14,9 @@ runs in LiteRT's own kernels between pieces. Usage, from the repository root:
 
 import argparse
 import os
-import sys
 import tempfile
 
 import keras
-import numpy as np
 from keras import layers, ops
 
 from inference import graph_stats  # benchmarks/inference.py
@@ -69,4 +67,4 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

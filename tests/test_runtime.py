@@ -119,9 +119,9 @@ def test_bad_model_files_raise_one_clear_error(exported, tmp_path):
     (np.full((1, 28, 28), np.nan), "raw pixels in 0–255"),
 ])
 def test_wrong_inputs_raise_one_clear_error(exported, images, message):
-    for quantize in ("float32", "int8"):
+    for kind in ("float32", "int8"):
         with pytest.raises(KernormError, match=message):
-            load_tflite(model_path(exported, quantize)).predict(images)
+            load_tflite(model_path(exported, kind)).predict(images)
 
 
 def test_runtime_and_predict_import_no_tensorflow(exported, mnist, tmp_path):
