@@ -28,6 +28,8 @@ from kernorm.train import make_steps
 BATCH = 128
 CALLS = 50
 FEATURE_MAP = (BATCH, 26, 26, 10)  # the study's second layer
+# The fewest passes over the map a norm can make: its sums and its output forward (x read
+# twice, y written), the gradient's sums and dx backward (x and dy read twice, dx written).
 NORM_PASSES = 7
 COPY_BYTES = 64 << 20
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
@@ -101,10 +103,8 @@ def copy_gb_per_s():
 for data_format in ("NHWC", "NCHW"):
     print(f"conv 3x3 10->10 at 26x26, batch {BATCH}, forward + gradients, {data_format}: "
           f"{conv_ms(data_format):.2f} ms")
-# The fewest passes over the map a norm can make: its sums and its output forward (x read
-# twice, y written), the gradient's sums and dx backward (x and dy read twice, dx written).
 map_bytes = np.prod(FEATURE_MAP) * 4
-norm = norm_ms()
-print(f"kernorm BN forward + gradients on the same map ({map_bytes / 1e6:.1f} MB): {norm:.2f} ms, "
-      f"{NORM_PASSES} passes = {NORM_PASSES * map_bytes / 1e6 / norm:.1f} GB/s; "
+bn_ms = norm_ms()
+print(f"kernorm BN forward + gradients on the same map ({map_bytes / 1e6:.1f} MB): {bn_ms:.2f} ms, "
+      f"{NORM_PASSES} passes = {NORM_PASSES * map_bytes / 1e6 / bn_ms:.1f} GB/s; "
       f"NumPy copy of {COPY_BYTES >> 20} MiB: {copy_gb_per_s():.1f} GB/s (read + write)")
