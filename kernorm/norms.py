@@ -2,10 +2,10 @@
 
 `BatchNorm`, `GroupNorm` and `LayerNorm` are Keras's own layers (same weights,
 same config) with a cheaper training computation: one pass for the sums, one
-for the output, and a hand-written gradient, each direction compiled with XLA.
-Keras's versions differentiate every broadcast and moment op separately, and
-those element-wise passes cost more than the convolutions in the study's
-network. `GroupNorm` and `LayerNorm` also compute inference their own way, one
+for the output, and a hand-written gradient, in kernorm's C++ ops on a CPU
+(`kernorm.native`), elsewhere compiled with XLA. Keras's versions
+differentiate every broadcast and moment op separately, and those
+element-wise passes cost more than the convolutions in the study's network. `GroupNorm` and `LayerNorm` also compute inference their own way, one
 that converts to a full-integer TFLite model (see `normalize_for_inference`).
 """
 
@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from kernorm import native
 from kernorm.errors import KernormError, check_choice
 
 # PyTorch's defaults, which the study trained with: eps 1e-5, and BatchNorm2d's
@@ -40,18 +41,27 @@ def normalize_groups(x, gamma, beta, groups, epsilon):
         `(y, mean, variance)`: `y` shaped and typed like `x`; mean and variance
         `(rows, groups)` in float32, without gradient (they feed moving statistics).
     """
+    f32 = tf.float32
+    x32, gamma, beta = tf.cast(x, f32), tf.cast(gamma, f32), tf.cast(beta, f32)
+    if native.ops() is None:
+        y, mean, var = _normalize_xla(x32, gamma, beta, groups, epsilon)
+    else:
+        y, mean, var, _ = native.ops().kernorm_normalize_groups(x32, gamma, beta, groups=groups, epsilon=epsilon)
+    return tf.cast(y, x.dtype), tf.stop_gradient(mean), tf.stop_gradient(var)
+
+
+def _normalize_xla(x, gamma, beta, groups, epsilon):
+    """`normalize_groups` in float32 without kernorm's C++ ops: `_forward` and `_backward`."""
     @tf.custom_gradient
     def normalize(x, gamma, beta):
         y, mean, var, inv = _forward(x, gamma, beta, groups, epsilon)
         return (y, mean, var), lambda dy, *_: _backward(dy, x, gamma, mean, inv, groups)
 
-    f32 = tf.float32
-    y, mean, var = normalize(tf.cast(x, f32), tf.cast(gamma, f32), tf.cast(beta, f32))
-    return tf.cast(y, x.dtype), mean, var
+    return normalize(x, gamma, beta)
 
 
 # XLA fuses each direction's element-wise passes and reductions into a few loops:
-# 20-30 % more training steps per second on a CPU (README, "Training speed").
+# 20-30 % more training steps per second than Keras's layers (README, "Training speed").
 # Only these ops: XLA's own convolutions are slower than oneDNN's. The gradient
 # stays outside the compiled functions: a tf.function with a custom gradient
 # inside lost gradients when two replicas traced it with different batch sizes.

@@ -1,11 +1,22 @@
-"""The norm layers' arithmetic against NumPy, and their hand-written gradients against Keras's own layers."""
+"""The norm layers' arithmetic against NumPy, and their hand-written gradients against Keras's own layers.
+
+The arithmetic and gradient tests run on both training paths: kernorm's C++
+ops and the XLA fallback.
+"""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from keras import layers
 
-from kernorm.norms import BatchNorm, GroupNorm, LayerNorm, create_norm_layer
+from kernorm import native
+from kernorm.norms import BatchNorm, GroupNorm, LayerNorm, _normalize_xla, create_norm_layer, normalize_groups
+
+
+@pytest.fixture(params=["native", "xla"])
+def both_paths(request, monkeypatch):
+    if request.param == "xla":
+        monkeypatch.setattr(native, "ops", lambda: None)
 
 
 def feature_maps(seed=0, shape=(4, 5, 5, 6)):
@@ -31,6 +42,7 @@ def numpy_group_norm(x, groups):
     return ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
 
 
+@pytest.mark.usefixtures("both_paths")
 def test_batch_norm_training_and_inference_match_numpy():
     x = feature_maps()
     layer = create_norm_layer("bn", 6)
@@ -45,6 +57,7 @@ def test_batch_norm_training_and_inference_match_numpy():
     np.testing.assert_allclose(layer(x, training=False), moving, atol=1e-5)
 
 
+@pytest.mark.usefixtures("both_paths")
 @pytest.mark.parametrize("training", [True, False])
 def test_layer_norm_uses_all_of_hwc_per_sample(training):
     x = feature_maps()
@@ -57,6 +70,7 @@ def test_layer_norm_uses_all_of_hwc_per_sample(training):
     assert np.abs(np.asarray(per_pixel) - expected).max() > 0.1
 
 
+@pytest.mark.usefixtures("both_paths")
 @pytest.mark.parametrize("training", [True, False])
 def test_group_norm_with_two_groups(training):
     x = feature_maps()
@@ -65,6 +79,7 @@ def test_group_norm_with_two_groups(training):
     np.testing.assert_allclose(layer(x, training=training), numpy_group_norm(x, 2) * gamma + beta, atol=1e-5)
 
 
+@pytest.mark.usefixtures("both_paths")
 @pytest.mark.parametrize("ours, keras_layer", [
     (lambda: BatchNorm(momentum=0.9, epsilon=1e-5), lambda: layers.BatchNormalization(momentum=0.9, epsilon=1e-5)),
     (lambda: GroupNorm(groups=2, epsilon=1e-5), lambda: layers.GroupNormalization(groups=2, epsilon=1e-5)),
@@ -88,3 +103,34 @@ def test_layer_norm_round_trips_through_its_config():
     layer = LayerNorm(name="ln_a")
     clone = LayerNorm.from_config(layer.get_config())
     assert clone.groups == 1 and clone.epsilon == 1e-5 and clone.name == "ln_a"
+
+
+def test_the_native_ops_build_here():
+    # CI's machine has a compiler: the C++ path must be the one its tests and benchmarks run.
+    assert native.ops() is not None
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 32 * 26 * 26, 10), 10), ((8, 26 * 26, 10), 2), ((5, 9, 12), 1)],
+                         ids=["bn-several-units", "gn", "ln-less-than-a-strip"])
+def test_native_ops_equal_the_xla_path(shape, groups):
+    rng = np.random.default_rng(3)
+    x = tf.constant(np.maximum(rng.normal(size=shape), 0).astype("float32"))
+    gamma, beta = (tf.constant(rng.normal(size=shape[-1]).astype("float32")) for _ in range(2))
+    weights = tf.constant(rng.normal(size=shape).astype("float32"))
+    results = []
+    for function in (normalize_groups, _normalize_xla):
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            y, mean, var = function(x, gamma, beta, groups, 1e-5)
+            loss = tf.reduce_sum(y * weights)
+        results.append([y, mean, var, *tape.gradient(loss, [x, gamma, beta])])
+    for ours, xla in zip(*results):
+        np.testing.assert_allclose(ours, xla, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.warns(UserWarning, match="did not build .*XLA path"):
+        assert native.ops.__wrapped__() is None
+    assert not list(tmp_path.rglob("*.so*"))  # nothing half-written left in the cache

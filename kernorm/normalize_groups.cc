@@ -1,0 +1,273 @@
+// kernorm's normalization training step as two TensorFlow CPU ops (see kernorm/native.py).
+//
+// KernormNormalizeGroups(x, gamma, beta) normalizes x, shaped (rows, positions,
+// channels), with one mean and variance per row and group of channels, then
+// scales and shifts per channel; KernormNormalizeGroupsGrad is its gradient.
+// Each makes two passes over the feature map, split over TensorFlow's CPU
+// threads: the per-channel sums, then the output. Keras's layers and XLA take
+// four to six; in the study's network that is most of a training step's norm
+// time (README, "Training speed").
+//
+// The sums walk the map in strips of 16 · channels floats: lane j of a strip
+// always holds channel j % channels, and a strip is a whole number of
+// 16-float vectors, so the loops over a strip vectorize for any channel count.
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::shape_inference::InferenceContext;
+
+constexpr int64_t kStripsPerUnit = 64;  // a unit of work: 64 strips of one row (40 KB at 10 channels)
+
+// How a (rows, positions, channels) map splits into units of work, each within one row.
+struct Layout {
+  Layout(const Tensor& x, int64_t groups)
+      : rows(x.dim_size(0)), positions(x.dim_size(1)), channels(x.dim_size(2)), groups(groups),
+        strip(16 * channels), row_size(positions * channels),
+        units_per_row(std::max<int64_t>(1, (row_size + kStripsPerUnit * strip - 1) / (kStripsPerUnit * strip))),
+        count(static_cast<double>(positions) * (channels / groups)) {}
+
+  int64_t rows, positions, channels, groups, strip, row_size, units_per_row;
+  double count;  // values behind each statistic
+
+  int64_t units() const { return rows * units_per_row; }
+  int64_t row(int64_t unit) const { return unit / units_per_row; }
+  int64_t begin(int64_t unit) const { return row(unit) * row_size + unit % units_per_row * kStripsPerUnit * strip; }
+  int64_t end(int64_t unit) const { return std::min(begin(unit) + kStripsPerUnit * strip, (row(unit) + 1) * row_size); }
+  int64_t group(int64_t channel) const { return channel / (channels / groups); }
+};
+
+// Runs fn(unit) for every unit, spread over TensorFlow's intra-op threads.
+template <typename Fn>
+void for_each_unit(OpKernelContext* ctx, const Layout& layout, Fn fn) {
+  const int64_t cost = kStripsPerUnit * layout.strip * 4;  // about 4 cycles per float, sums and output together
+  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
+      layout.units(), cost, [&](int64_t first, int64_t last) {
+        for (int64_t unit = first; unit < last; ++unit) fn(unit);
+      });
+}
+
+// Per unit and channel, Σa and Σa·b over the unit's span, into sums[unit · 2C + c] and [unit · 2C + C + c].
+void channel_sums(OpKernelContext* ctx, const Layout& layout, const float* a, const float* b,
+                  std::vector<double>* sums) {
+  const int64_t c = layout.channels, strip = layout.strip;
+  sums->assign(layout.units() * 2 * c, 0.0);
+  for_each_unit(ctx, layout, [&](int64_t unit) {
+    std::vector<float> sa(strip, 0.0f), sab(strip, 0.0f);
+    const int64_t begin = layout.begin(unit), end = layout.end(unit);
+    int64_t i = begin;
+    for (; i + strip <= end; i += strip)
+      for (int64_t j = 0; j < strip; ++j) {
+        sa[j] += a[i + j];
+        sab[j] += a[i + j] * b[i + j];
+      }
+    for (int64_t j = 0; i + j < end; ++j) {
+      sa[j] += a[i + j];
+      sab[j] += a[i + j] * b[i + j];
+    }
+    double* out = sums->data() + unit * 2 * c;
+    for (int64_t j = 0; j < strip; ++j) {
+      out[j % c] += sa[j];
+      out[c + j % c] += sab[j];
+    }
+  });
+}
+
+// Per row and channel, the units' sums added up: (rows, 2C).
+std::vector<double> row_sums(const Layout& layout, const std::vector<double>& unit_sums) {
+  const int64_t width = 2 * layout.channels;
+  std::vector<double> rows(layout.rows * width, 0.0);
+  for (int64_t unit = 0; unit < layout.units(); ++unit)
+    for (int64_t k = 0; k < width; ++k) rows[layout.row(unit) * width + k] += unit_sums[unit * width + k];
+  return rows;
+}
+
+// out[i] = a[i] · p[r, c] + b[i] · q[r, c] + s[r, c] over the whole map, c being i's channel and r
+// its row; p, q and s are (rows, channels). b may be null (then q is unused).
+void affine_pass(OpKernelContext* ctx, const Layout& layout, const float* a, const float* b,
+                 const std::vector<float>& p, const std::vector<float>& q, const std::vector<float>& s,
+                 float* out) {
+  const int64_t c = layout.channels, strip = layout.strip;
+  for_each_unit(ctx, layout, [&](int64_t unit) {
+    const int64_t r = layout.row(unit), begin = layout.begin(unit), end = layout.end(unit);
+    std::vector<float> pp(strip), qq(strip), ss(strip);
+    for (int64_t j = 0; j < strip; ++j) {
+      pp[j] = p[r * c + j % c];
+      qq[j] = b ? q[r * c + j % c] : 0.0f;
+      ss[j] = s[r * c + j % c];
+    }
+    for (int64_t i = begin; i < end; i += strip) {
+      const int64_t n = std::min(strip, end - i);
+      if (b) {
+        for (int64_t j = 0; j < n; ++j) out[i + j] = a[i + j] * pp[j] + b[i + j] * qq[j] + ss[j];
+      } else {
+        for (int64_t j = 0; j < n; ++j) out[i + j] = a[i + j] * pp[j] + ss[j];
+      }
+    }
+  });
+}
+
+class NormalizeGroups : public OpKernel {
+ public:
+  explicit NormalizeGroups(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("groups", &groups_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    OP_REQUIRES(ctx, x.dims() == 3 && x.dim_size(2) % groups_ == 0,
+                absl::InvalidArgumentError("x must be (rows, positions, channels), channels a multiple of groups"));
+    const Layout layout(x, groups_);
+    const int64_t c = layout.channels, g = groups_;
+    const float* gamma = ctx->input(1).flat<float>().data();
+    const float* beta = ctx->input(2).flat<float>().data();
+    Tensor *y, *mean, *var, *inv;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
+    for (auto [index, out] : {std::pair{1, &mean}, {2, &var}, {3, &inv}})
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(index, TensorShape({layout.rows, g}), out));
+
+    const float* xs = x.flat<float>().data();
+    std::vector<double> unit_sums;
+    channel_sums(ctx, layout, xs, xs, &unit_sums);
+    const std::vector<double> sums = row_sums(layout, unit_sums);
+
+    std::vector<float> scale(layout.rows * c), shift(layout.rows * c);
+    for (int64_t r = 0; r < layout.rows; ++r) {
+      std::vector<double> s1(g, 0.0), s2(g, 0.0);
+      for (int64_t k = 0; k < c; ++k) {
+        s1[layout.group(k)] += sums[r * 2 * c + k];
+        s2[layout.group(k)] += sums[r * 2 * c + c + k];
+      }
+      for (int64_t k = 0; k < g; ++k) {
+        const double m = s1[k] / layout.count, v = std::max(s2[k] / layout.count - m * m, 0.0);
+        mean->flat<float>()(r * g + k) = m;
+        var->flat<float>()(r * g + k) = v;
+        inv->flat<float>()(r * g + k) = 1.0 / std::sqrt(v + epsilon_);
+      }
+      for (int64_t k = 0; k < c; ++k) {
+        const int64_t at = r * g + layout.group(k);
+        scale[r * c + k] = gamma[k] * inv->flat<float>()(at);
+        shift[r * c + k] = beta[k] - mean->flat<float>()(at) * scale[r * c + k];
+      }
+    }
+    affine_pass(ctx, layout, xs, nullptr, scale, {}, shift, y->flat<float>().data());
+  }
+
+ private:
+  int64_t groups_;
+  float epsilon_;
+};
+
+class NormalizeGroupsGrad : public OpKernel {
+ public:
+  explicit NormalizeGroupsGrad(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("groups", &groups_));
+  }
+
+  // With x̂ = (x − m)·inv and g = dy·γ: dx = inv·(g − mean(g) − x̂·mean(g·x̂)), which is
+  // dy·γ·inv + x·a + b with a and b constant per row and group.
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& dy = ctx->input(0);
+    const Tensor& x = ctx->input(1);
+    const Layout layout(x, groups_);
+    const int64_t c = layout.channels, g = groups_;
+    const float* gamma = ctx->input(2).flat<float>().data();
+    const auto mean = ctx->input(3).flat<float>();
+    const auto inv = ctx->input(4).flat<float>();
+    Tensor *dx, *dgamma, *dbeta;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({c}), &dgamma));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({c}), &dbeta));
+
+    const float* dys = dy.flat<float>().data();
+    std::vector<double> unit_sums;
+    channel_sums(ctx, layout, dys, x.flat<float>().data(), &unit_sums);
+    const std::vector<double> sums = row_sums(layout, unit_sums);  // Σdy and Σdy·x per row and channel
+
+    std::vector<float> scale(layout.rows * c), a(layout.rows * c), b(layout.rows * c);
+    std::vector<double> dgamma_sum(c, 0.0), dbeta_sum(c, 0.0);
+    for (int64_t r = 0; r < layout.rows; ++r) {
+      std::vector<double> mean_g(g, 0.0), mean_gx(g, 0.0), centred(c);
+      for (int64_t k = 0; k < c; ++k) {
+        const int64_t at = r * g + layout.group(k);
+        const double dy_sum = sums[r * 2 * c + k];
+        centred[k] = sums[r * 2 * c + c + k] - mean(at) * dy_sum;  // Σ dy·(x − m)
+        mean_g[layout.group(k)] += gamma[k] * dy_sum / layout.count;
+        mean_gx[layout.group(k)] += inv(at) * gamma[k] * centred[k] / layout.count;
+        dgamma_sum[k] += inv(at) * centred[k];
+        dbeta_sum[k] += dy_sum;
+      }
+      for (int64_t k = 0; k < c; ++k) {
+        const int64_t at = r * g + layout.group(k), group = layout.group(k);
+        const double i = inv(at);
+        scale[r * c + k] = gamma[k] * i;
+        a[r * c + k] = -i * i * mean_gx[group];
+        b[r * c + k] = -i * mean_g[group] + i * i * mean(at) * mean_gx[group];
+      }
+    }
+    for (int64_t k = 0; k < c; ++k) {
+      dgamma->flat<float>()(k) = dgamma_sum[k];
+      dbeta->flat<float>()(k) = dbeta_sum[k];
+    }
+    affine_pass(ctx, layout, dys, x.flat<float>().data(), scale, a, b, dx->flat<float>().data());
+  }
+
+ private:
+  int64_t groups_;
+};
+
+absl::Status forward_shapes(InferenceContext* ctx) {  // y like x; mean, variance, inv (rows, groups)
+  int64_t groups;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("groups", &groups));
+  ctx->set_output(0, ctx->input(0));
+  for (int k = 1; k < 4; ++k) ctx->set_output(k, ctx->Matrix(ctx->Dim(ctx->input(0), 0), groups));
+  return absl::OkStatus();
+}
+
+absl::Status gradient_shapes(InferenceContext* ctx) {  // dx like x; dgamma, dbeta (channels,)
+  ctx->set_output(0, ctx->input(1));
+  for (int k = 1; k < 3; ++k) ctx->set_output(k, ctx->Vector(ctx->Dim(ctx->input(1), 2)));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("KernormNormalizeGroups")
+    .Input("x: float")
+    .Input("gamma: float")
+    .Input("beta: float")
+    .Attr("groups: int >= 1")
+    .Attr("epsilon: float")
+    .Output("y: float")
+    .Output("mean: float")
+    .Output("variance: float")
+    .Output("inv: float")
+    .SetShapeFn(forward_shapes);
+
+REGISTER_OP("KernormNormalizeGroupsGrad")
+    .Input("dy: float")
+    .Input("x: float")
+    .Input("gamma: float")
+    .Input("mean: float")
+    .Input("inv: float")
+    .Attr("groups: int >= 1")
+    .Output("dx: float")
+    .Output("dgamma: float")
+    .Output("dbeta: float")
+    .SetShapeFn(gradient_shapes);
+
+REGISTER_KERNEL_BUILDER(Name("KernormNormalizeGroups").Device(tensorflow::DEVICE_CPU), NormalizeGroups);
+REGISTER_KERNEL_BUILDER(Name("KernormNormalizeGroupsGrad").Device(tensorflow::DEVICE_CPU), NormalizeGroupsGrad);
