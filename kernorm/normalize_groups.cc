@@ -49,14 +49,18 @@ struct Layout {
   int64_t group(int64_t channel) const { return channel / (channels / groups); }
 };
 
-// Runs fn(unit) for every unit, spread over TensorFlow's intra-op threads.
+// Runs fn(first, last) on ranges of units that together cover all, spread over TensorFlow's
+// intra-op threads; fn allocates its buffers once per range.
 template <typename Fn>
-void for_each_unit(OpKernelContext* ctx, const Layout& layout, Fn fn) {
-  const int64_t cost = kStripsPerUnit * layout.strip * 4;  // about 4 cycles per float, sums and output together
-  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
-      layout.units(), cost, [&](int64_t first, int64_t last) {
-        for (int64_t unit = first; unit < last; ++unit) fn(unit);
-      });
+void for_unit_ranges(OpKernelContext* ctx, const Layout& layout, Fn fn) {
+  const int64_t cost = std::min(layout.row_size, kStripsPerUnit * layout.strip) * 4;  // ~4 cycles a float
+  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(layout.units(), cost, fn);
+}
+
+// Lane j of a strip holds channel j % channels: per_channel repeated over a strip.
+void spread_over_strip(const float* per_channel, int64_t channels, float* strip) {
+  for (int64_t lane = 0; lane < 16 * channels; lane += channels)
+    std::copy(per_channel, per_channel + channels, strip + lane);
 }
 
 // Per unit and channel, Σa and Σa·b over the unit's span, into sums[unit · 2C + c] and [unit · 2C + C + c].
@@ -64,23 +68,25 @@ void channel_sums(OpKernelContext* ctx, const Layout& layout, const float* a, co
                   std::vector<double>* sums) {
   const int64_t c = layout.channels, strip = layout.strip;
   sums->assign(layout.units() * 2 * c, 0.0);
-  for_each_unit(ctx, layout, [&](int64_t unit) {
-    std::vector<float> sa(strip, 0.0f), sab(strip, 0.0f);
-    const int64_t begin = layout.begin(unit), end = layout.end(unit);
-    int64_t i = begin;
-    for (; i + strip <= end; i += strip)
-      for (int64_t j = 0; j < strip; ++j) {
-        sa[j] += a[i + j];
-        sab[j] += a[i + j] * b[i + j];
+  for_unit_ranges(ctx, layout, [&](int64_t first, int64_t last) {
+    std::vector<float> sa(strip), sab(strip);
+    for (int64_t unit = first; unit < last; ++unit) {
+      std::fill(sa.begin(), sa.end(), 0.0f);
+      std::fill(sab.begin(), sab.end(), 0.0f);
+      const int64_t end = layout.end(unit);
+      for (int64_t i = layout.begin(unit); i < end; i += strip) {
+        const int64_t n = std::min(strip, end - i);
+        for (int64_t j = 0; j < n; ++j) {
+          sa[j] += a[i + j];
+          sab[j] += a[i + j] * b[i + j];
+        }
       }
-    for (int64_t j = 0; i + j < end; ++j) {
-      sa[j] += a[i + j];
-      sab[j] += a[i + j] * b[i + j];
-    }
-    double* out = sums->data() + unit * 2 * c;
-    for (int64_t j = 0; j < strip; ++j) {
-      out[j % c] += sa[j];
-      out[c + j % c] += sab[j];
+      double* out = sums->data() + unit * 2 * c;
+      for (int64_t lane = 0; lane < strip; lane += c)
+        for (int64_t k = 0; k < c; ++k) {
+          out[k] += sa[lane + k];
+          out[c + k] += sab[lane + k];
+        }
     }
   });
 }
@@ -100,20 +106,20 @@ void affine_pass(OpKernelContext* ctx, const Layout& layout, const float* a, con
                  const std::vector<float>& p, const std::vector<float>& q, const std::vector<float>& s,
                  float* out) {
   const int64_t c = layout.channels, strip = layout.strip;
-  for_each_unit(ctx, layout, [&](int64_t unit) {
-    const int64_t r = layout.row(unit), begin = layout.begin(unit), end = layout.end(unit);
+  for_unit_ranges(ctx, layout, [&](int64_t first, int64_t last) {
     std::vector<float> pp(strip), qq(strip), ss(strip);
-    for (int64_t j = 0; j < strip; ++j) {
-      pp[j] = p[r * c + j % c];
-      qq[j] = b ? q[r * c + j % c] : 0.0f;
-      ss[j] = s[r * c + j % c];
-    }
-    for (int64_t i = begin; i < end; i += strip) {
-      const int64_t n = std::min(strip, end - i);
-      if (b) {
-        for (int64_t j = 0; j < n; ++j) out[i + j] = a[i + j] * pp[j] + b[i + j] * qq[j] + ss[j];
-      } else {
-        for (int64_t j = 0; j < n; ++j) out[i + j] = a[i + j] * pp[j] + ss[j];
+    for (int64_t unit = first; unit < last; ++unit) {
+      const int64_t r = layout.row(unit), end = layout.end(unit);
+      spread_over_strip(&p[r * c], c, pp.data());
+      spread_over_strip(&s[r * c], c, ss.data());
+      if (b) spread_over_strip(&q[r * c], c, qq.data());
+      for (int64_t i = layout.begin(unit); i < end; i += strip) {
+        const int64_t n = std::min(strip, end - i);
+        if (b) {
+          for (int64_t j = 0; j < n; ++j) out[i + j] = a[i + j] * pp[j] + b[i + j] * qq[j] + ss[j];
+        } else {
+          for (int64_t j = 0; j < n; ++j) out[i + j] = a[i + j] * pp[j] + ss[j];
+        }
       }
     }
   });
@@ -128,16 +134,20 @@ class NormalizeGroups : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
-    OP_REQUIRES(ctx, x.dims() == 3 && x.dim_size(2) % groups_ == 0,
-                absl::InvalidArgumentError("x must be (rows, positions, channels), channels a multiple of groups"));
+    OP_REQUIRES(ctx, x.dims() == 3 && x.dim_size(2) % groups_ == 0 && ctx->input(1).NumElements() == x.dim_size(2)
+                         && ctx->input(2).NumElements() == x.dim_size(2),
+                absl::InvalidArgumentError("x must be (rows, positions, channels) with channels a multiple of "
+                                           "groups, gamma and beta (channels,)"));
     const Layout layout(x, groups_);
     const int64_t c = layout.channels, g = groups_;
     const float* gamma = ctx->input(1).flat<float>().data();
     const float* beta = ctx->input(2).flat<float>().data();
-    Tensor *y, *mean, *var, *inv;
+    Tensor *y, *mean_out, *var_out, *inv_out;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
-    for (auto [index, out] : {std::pair{1, &mean}, {2, &var}, {3, &inv}})
-      OP_REQUIRES_OK(ctx, ctx->allocate_output(index, TensorShape({layout.rows, g}), out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({layout.rows, g}), &mean_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({layout.rows, g}), &var_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, TensorShape({layout.rows, g}), &inv_out));
+    auto mean = mean_out->flat<float>(), var = var_out->flat<float>(), inv = inv_out->flat<float>();
 
     const float* xs = x.flat<float>().data();
     std::vector<double> unit_sums;
@@ -145,22 +155,22 @@ class NormalizeGroups : public OpKernel {
     const std::vector<double> sums = row_sums(layout, unit_sums);
 
     std::vector<float> scale(layout.rows * c), shift(layout.rows * c);
+    std::vector<double> s1(layout.rows * g, 0.0), s2(layout.rows * g, 0.0);  // Σx, Σx² per row and group
     for (int64_t r = 0; r < layout.rows; ++r) {
-      std::vector<double> s1(g, 0.0), s2(g, 0.0);
       for (int64_t k = 0; k < c; ++k) {
-        s1[layout.group(k)] += sums[r * 2 * c + k];
-        s2[layout.group(k)] += sums[r * 2 * c + c + k];
+        s1[r * g + layout.group(k)] += sums[r * 2 * c + k];
+        s2[r * g + layout.group(k)] += sums[r * 2 * c + c + k];
       }
-      for (int64_t k = 0; k < g; ++k) {
-        const double m = s1[k] / layout.count, v = std::max(s2[k] / layout.count - m * m, 0.0);
-        mean->flat<float>()(r * g + k) = m;
-        var->flat<float>()(r * g + k) = v;
-        inv->flat<float>()(r * g + k) = 1.0 / std::sqrt(v + epsilon_);
+      for (int64_t at = r * g; at < (r + 1) * g; ++at) {
+        const double m = s1[at] / layout.count, v = std::max(s2[at] / layout.count - m * m, 0.0);
+        mean(at) = m;
+        var(at) = v;
+        inv(at) = 1.0 / std::sqrt(v + epsilon_);
       }
       for (int64_t k = 0; k < c; ++k) {
         const int64_t at = r * g + layout.group(k);
-        scale[r * c + k] = gamma[k] * inv->flat<float>()(at);
-        shift[r * c + k] = beta[k] - mean->flat<float>()(at) * scale[r * c + k];
+        scale[r * c + k] = gamma[k] * inv(at);
+        shift[r * c + k] = beta[k] - mean(at) * scale[r * c + k];
       }
     }
     affine_pass(ctx, layout, xs, nullptr, scale, {}, shift, y->flat<float>().data());
@@ -199,29 +209,27 @@ class NormalizeGroupsGrad : public OpKernel {
 
     std::vector<float> scale(layout.rows * c), a(layout.rows * c), b(layout.rows * c);
     std::vector<double> dgamma_sum(c, 0.0), dbeta_sum(c, 0.0);
+    std::vector<double> mean_g(layout.rows * g, 0.0), mean_gx(layout.rows * g, 0.0);  // per row and group
     for (int64_t r = 0; r < layout.rows; ++r) {
-      std::vector<double> mean_g(g, 0.0), mean_gx(g, 0.0), centred(c);
       for (int64_t k = 0; k < c; ++k) {
         const int64_t at = r * g + layout.group(k);
         const double dy_sum = sums[r * 2 * c + k];
-        centred[k] = sums[r * 2 * c + c + k] - mean(at) * dy_sum;  // Σ dy·(x − m)
-        mean_g[layout.group(k)] += gamma[k] * dy_sum / layout.count;
-        mean_gx[layout.group(k)] += inv(at) * gamma[k] * centred[k] / layout.count;
-        dgamma_sum[k] += inv(at) * centred[k];
+        const double centred = sums[r * 2 * c + c + k] - mean(at) * dy_sum;  // Σ dy·(x − m)
+        mean_g[at] += gamma[k] * dy_sum / layout.count;
+        mean_gx[at] += inv(at) * gamma[k] * centred / layout.count;
+        dgamma_sum[k] += inv(at) * centred;
         dbeta_sum[k] += dy_sum;
       }
       for (int64_t k = 0; k < c; ++k) {
-        const int64_t at = r * g + layout.group(k), group = layout.group(k);
+        const int64_t at = r * g + layout.group(k);
         const double i = inv(at);
         scale[r * c + k] = gamma[k] * i;
-        a[r * c + k] = -i * i * mean_gx[group];
-        b[r * c + k] = -i * mean_g[group] + i * i * mean(at) * mean_gx[group];
+        a[r * c + k] = -i * i * mean_gx[at];
+        b[r * c + k] = -i * mean_g[at] + i * i * mean(at) * mean_gx[at];
       }
     }
-    for (int64_t k = 0; k < c; ++k) {
-      dgamma->flat<float>()(k) = dgamma_sum[k];
-      dbeta->flat<float>()(k) = dbeta_sum[k];
-    }
+    std::copy(dgamma_sum.begin(), dgamma_sum.end(), dgamma->flat<float>().data());
+    std::copy(dbeta_sum.begin(), dbeta_sum.end(), dbeta->flat<float>().data());
     affine_pass(ctx, layout, dys, x.flat<float>().data(), scale, a, b, dx->flat<float>().data());
   }
 
