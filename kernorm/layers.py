@@ -28,7 +28,7 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
         kernel_size: size of the square kernel.
         padding: "valid" (the study's, no padding) or "same".
         use_bias: whether the convolution has a bias.
-        activation: a Keras activation name or callable, applied before the norm.
+        activation: a Keras activation name or function, applied before the norm.
         norm: normalization name from `kernorm.norms.NORMS`, or None.
         groups: channel groups for "gn".
         dropout: dropout rate after the norm, or None for no dropout.
@@ -38,17 +38,19 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
             `l1·Σ|w| + l2·Σw²` over this layer's kernel.
 
     Returns:
-        A list of layers in the order above. Input `(batch, H, W, C_in)`,
-        output `(batch, H', W', filters)`.
+        A list of layers computing the order above: the convolution, the norm
+        layer, which applies the activation to its input itself (in training a
+        ReLU then joins the norm's C++ op, see `kernorm.norms`), or without a
+        norm an `Activation` layer, then the dropout. Input
+        `(batch, H, W, C_in)`, output `(batch, H', W', filters)`.
     """
     stack = [layers.Conv2D(
         filters, kernel_size, padding=padding, use_bias=use_bias,
         kernel_initializer=keras.initializers.VarianceScaling(**TORCH_INIT),
         kernel_regularizer=kernel_regularizer(l1, l2),
-    ), layers.Activation(activation)]
-    norm_layer = create_norm_layer(norm, filters, groups, sync_bn)
-    if norm_layer is not None:
-        stack.append(norm_layer)
+    )]
+    norm_layer = create_norm_layer(norm, filters, groups, sync_bn, input_activation=activation)
+    stack.append(layers.Activation(activation) if norm_layer is None else norm_layer)
     if dropout:
         stack.append(layers.Dropout(dropout))
     return stack

@@ -62,4 +62,4 @@ def _build():
 @tf.RegisterGradient("KernormNormalizeGroups")
 def _normalize_groups_gradient(op, dy, *_):  # mean, variance and inv carry no gradient
     return ops().kernorm_normalize_groups_grad(dy, op.inputs[0], op.inputs[1], op.outputs[1], op.outputs[3],
-                                               groups=op.get_attr("groups"))
+                                               groups=op.get_attr("groups"), relu=op.get_attr("relu"))

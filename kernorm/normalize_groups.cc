@@ -3,6 +3,8 @@
 // KernormNormalizeGroups(x, gamma, beta) normalizes x, shaped (rows, positions,
 // channels), with one mean and variance per row and group of channels, then
 // scales and shifts per channel; KernormNormalizeGroupsGrad is its gradient.
+// With relu=true both take x before the ReLU that precedes the norm in
+// kernorm's layers and apply it on the way, which saves the ReLU's own passes.
 // Each makes two passes over the feature map, split over TensorFlow's CPU
 // threads: the per-channel sums, then the output. Keras's layers and XLA take
 // four to six; in the study's network that is most of a training step's norm
@@ -63,7 +65,9 @@ void spread_over_strip(const float* per_channel, int64_t channels, float* strip)
     std::copy(per_channel, per_channel + channels, strip + lane);
 }
 
-// Per unit and channel, Σa and Σa·b over the unit's span, into sums[unit · 2C + c] and [unit · 2C + C + c].
+// Per unit and channel, Σa and Σa·b over the unit's span, into sums[unit · 2C + c] and [unit · 2C + C + c];
+// a and b each pass through a ReLU first where kReluA and kReluB say so.
+template <bool kReluA, bool kReluB>
 void channel_sums(OpKernelContext* ctx, const Layout& layout, const float* a, const float* b,
                   std::vector<double>* sums) {
   const int64_t c = layout.channels, strip = layout.strip;
@@ -77,8 +81,10 @@ void channel_sums(OpKernelContext* ctx, const Layout& layout, const float* a, co
       for (int64_t i = layout.begin(unit); i < end; i += strip) {
         const int64_t n = std::min(strip, end - i);
         for (int64_t j = 0; j < n; ++j) {
-          sa[j] += a[i + j];
-          sab[j] += a[i + j] * b[i + j];
+          const float av = kReluA ? std::max(a[i + j], 0.0f) : a[i + j];
+          const float bv = kReluB ? std::max(b[i + j], 0.0f) : b[i + j];
+          sa[j] += av;
+          sab[j] += av * bv;
         }
       }
       double* out = sums->data() + unit * 2 * c;
@@ -101,7 +107,9 @@ std::vector<double> row_sums(const Layout& layout, const std::vector<double>& un
 }
 
 // out[i] = a[i] · p[r, c] + b[i] · q[r, c] + s[r, c] over the whole map, c being i's channel and r
-// its row; p, q and s are (rows, channels). b may be null (then q is unused).
+// its row; p, q and s are (rows, channels). b may be null (then q is unused). kReluA passes a
+// through a ReLU first; kMaskB makes out 0 wherever b ≤ 0 (the ReLU's gradient).
+template <bool kReluA, bool kMaskB>
 void affine_pass(OpKernelContext* ctx, const Layout& layout, const float* a, const float* b,
                  const std::vector<float>& p, const std::vector<float>& q, const std::vector<float>& s,
                  float* out) {
@@ -116,9 +124,12 @@ void affine_pass(OpKernelContext* ctx, const Layout& layout, const float* a, con
       for (int64_t i = layout.begin(unit); i < end; i += strip) {
         const int64_t n = std::min(strip, end - i);
         if (b) {
-          for (int64_t j = 0; j < n; ++j) out[i + j] = a[i + j] * pp[j] + b[i + j] * qq[j] + ss[j];
+          for (int64_t j = 0; j < n; ++j) {
+            const float keep = kMaskB ? static_cast<float>(b[i + j] > 0.0f) : 1.0f;
+            out[i + j] = (a[i + j] * pp[j] + b[i + j] * qq[j] + ss[j]) * keep;
+          }
         } else {
-          for (int64_t j = 0; j < n; ++j) out[i + j] = a[i + j] * pp[j] + ss[j];
+          for (int64_t j = 0; j < n; ++j) out[i + j] = (kReluA ? std::max(a[i + j], 0.0f) : a[i + j]) * pp[j] + ss[j];
         }
       }
     }
@@ -130,6 +141,7 @@ class NormalizeGroups : public OpKernel {
   explicit NormalizeGroups(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("groups", &groups_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("epsilon", &epsilon_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("relu", &relu_));
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -151,7 +163,7 @@ class NormalizeGroups : public OpKernel {
 
     const float* xs = x.flat<float>().data();
     std::vector<double> unit_sums;
-    channel_sums(ctx, layout, xs, xs, &unit_sums);
+    (relu_ ? channel_sums<true, true> : channel_sums<false, false>)(ctx, layout, xs, xs, &unit_sums);
     const std::vector<double> sums = row_sums(layout, unit_sums);
 
     std::vector<float> scale(layout.rows * c), shift(layout.rows * c);
@@ -173,18 +185,21 @@ class NormalizeGroups : public OpKernel {
         shift[r * c + k] = beta[k] - mean(at) * scale[r * c + k];
       }
     }
-    affine_pass(ctx, layout, xs, nullptr, scale, {}, shift, y->flat<float>().data());
+    (relu_ ? affine_pass<true, false> : affine_pass<false, false>)(ctx, layout, xs, nullptr, scale, {}, shift,
+                                                                   y->flat<float>().data());
   }
 
  private:
   int64_t groups_;
   float epsilon_;
+  bool relu_;
 };
 
 class NormalizeGroupsGrad : public OpKernel {
  public:
   explicit NormalizeGroupsGrad(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("groups", &groups_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("relu", &relu_));
   }
 
   // With x̂ = (x − m)·inv and g = dy·γ: dx = inv·(g − mean(g) − x̂·mean(g·x̂)), which is
@@ -204,7 +219,8 @@ class NormalizeGroupsGrad : public OpKernel {
 
     const float* dys = dy.flat<float>().data();
     std::vector<double> unit_sums;
-    channel_sums(ctx, layout, dys, x.flat<float>().data(), &unit_sums);
+    (relu_ ? channel_sums<false, true> : channel_sums<false, false>)(ctx, layout, dys, x.flat<float>().data(),
+                                                                     &unit_sums);
     const std::vector<double> sums = row_sums(layout, unit_sums);  // Σdy and Σdy·x per row and channel
 
     std::vector<float> scale(layout.rows * c), a(layout.rows * c), b(layout.rows * c);
@@ -230,11 +246,13 @@ class NormalizeGroupsGrad : public OpKernel {
     }
     std::copy(dgamma_sum.begin(), dgamma_sum.end(), dgamma->flat<float>().data());
     std::copy(dbeta_sum.begin(), dbeta_sum.end(), dbeta->flat<float>().data());
-    affine_pass(ctx, layout, dys, x.flat<float>().data(), scale, a, b, dx->flat<float>().data());
+    (relu_ ? affine_pass<false, true> : affine_pass<false, false>)(ctx, layout, dys, x.flat<float>().data(), scale,
+                                                                   a, b, dx->flat<float>().data());
   }
 
  private:
   int64_t groups_;
+  bool relu_;
 };
 
 absl::Status forward_shapes(InferenceContext* ctx) {  // y like x; mean, variance, inv (rows, groups)
@@ -259,6 +277,7 @@ REGISTER_OP("KernormNormalizeGroups")
     .Input("beta: float")
     .Attr("groups: int >= 1")
     .Attr("epsilon: float")
+    .Attr("relu: bool = false")
     .Output("y: float")
     .Output("mean: float")
     .Output("variance: float")
@@ -272,6 +291,7 @@ REGISTER_OP("KernormNormalizeGroupsGrad")
     .Input("mean: float")
     .Input("inv: float")
     .Attr("groups: int >= 1")
+    .Attr("relu: bool = false")
     .Output("dx: float")
     .Output("dgamma: float")
     .Output("dbeta: float")

@@ -23,12 +23,12 @@ EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
 
-def normalize_groups(x, gamma, beta, groups, epsilon):
+def normalize_groups(x, gamma, beta, groups, epsilon, relu=False):
     """Normalizes `x` with statistics per row and channel group, then scales and shifts per channel.
 
     Computes `(x − mean) / sqrt(var + epsilon) · gamma + beta`, where mean and
     (population) variance are taken over axis 1 and the channels of a group,
-    separately for every index of axis 0.
+    separately for every index of axis 0; with `relu`, of `max(x, 0)` instead.
 
     Args:
         x: `(rows, positions, channels)`. Batch norm passes `(1, N·H·W, C)` with
@@ -36,6 +36,8 @@ def normalize_groups(x, gamma, beta, groups, epsilon):
         gamma, beta: `(channels,)` scale and offset.
         groups: number of channel groups; must divide the channel count.
         epsilon: added to the variance.
+        relu: apply a ReLU to `x` first; the C++ ops do it within their own
+            passes over the map, which saves the ReLU's.
 
     Returns:
         `(y, mean, variance)`: `y` shaped and typed like `x`; mean and variance
@@ -44,9 +46,10 @@ def normalize_groups(x, gamma, beta, groups, epsilon):
     f32 = tf.float32
     x32, gamma, beta = tf.cast(x, f32), tf.cast(gamma, f32), tf.cast(beta, f32)
     if native.ops() is None:
-        y, mean, var = _normalize_xla(x32, gamma, beta, groups, epsilon)
+        y, mean, var = _normalize_xla(tf.nn.relu(x32) if relu else x32, gamma, beta, groups, epsilon)
     else:
-        y, mean, var, _ = native.ops().kernorm_normalize_groups(x32, gamma, beta, groups=groups, epsilon=epsilon)
+        y, mean, var, _ = native.ops().kernorm_normalize_groups(x32, gamma, beta, groups=groups, epsilon=epsilon,
+                                                                relu=relu)
     return tf.cast(y, x.dtype), tf.stop_gradient(mean), tf.stop_gradient(var)
 
 
@@ -142,8 +145,32 @@ def normalize_for_inference(x, gamma, beta, groups, epsilon):
     return x * scale + (beta - mean * scale)
 
 
+class _InputActivation:
+    """Lets a norm layer apply the activation before it, the study's conv → activation → norm.
+
+    `input_activation` (a Keras activation name or function; None for none) is
+    applied to the layer's input. A ReLU runs inside kernorm's C++ training op
+    (`normalize_groups(relu=True)`): about 5 % fewer milliseconds per training
+    step of the study's network than a separate `Activation` layer (README,
+    "Training speed").
+    """
+
+    def __init__(self, *args, input_activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_activation = keras.activations.get(input_activation)
+
+    def get_config(self):
+        return {**super().get_config(), "input_activation": keras.activations.serialize(self.input_activation)}
+
+    def _train_normalize(self, x, groups):
+        """`normalize_groups` of `x` after the input activation, with this layer's weights."""
+        relu = self.input_activation is keras.activations.relu
+        return normalize_groups(x if relu else self.input_activation(x), self.gamma.value, self.beta.value,
+                                groups, self.epsilon, relu=relu)
+
+
 @keras.saving.register_keras_serializable(package="kernorm")
-class BatchNorm(layers.BatchNormalization):
+class BatchNorm(_InputActivation, layers.BatchNormalization):
     """Keras's `BatchNormalization`, trained with `normalize_groups`.
 
     Per channel, normalizes over batch, height and width with the batch's
@@ -151,36 +178,44 @@ class BatchNorm(layers.BatchNormalization):
     statistics follow `momentum` as in Keras. `synchronized=True` (statistics
     over all replicas) trains with Keras's own computation.
 
+    Args:
+        input_activation: applied to the input first (see `_InputActivation`).
+        Other arguments: as Keras's `BatchNormalization`.
+
     Input shape: `(batch, height, width, channels)`. Output shape: the same.
     """
 
     def call(self, inputs, training=None, mask=None):
         if not training or self.synchronized:
-            return super().call(inputs, training=training, mask=mask)
+            return super().call(self.input_activation(inputs), training=training, mask=mask)
         channels = inputs.shape[-1]
-        y, mean, var = normalize_groups(tf.reshape(inputs, (1, -1, channels)), self.gamma.value,
-                                        self.beta.value, channels, self.epsilon)
+        y, mean, var = self._train_normalize(tf.reshape(inputs, (1, -1, channels)), channels)
         for moving, batch in ((self.moving_mean, mean[0]), (self.moving_variance, var[0])):
             moving.assign(moving * self.momentum + batch * (1 - self.momentum))
         return tf.reshape(y, tf.shape(inputs))
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class GroupNorm(layers.GroupNormalization):
+class GroupNorm(_InputActivation, layers.GroupNormalization):
     """Keras's `GroupNormalization`, trained with `normalize_groups`, inferring with `normalize_for_inference`.
 
     Each sample is normalized with one mean and variance per group of
     `channels / groups` channels over height and width, then scaled and shifted
     per channel, as PyTorch's `GroupNorm(groups, C)`.
 
+    Args:
+        input_activation: applied to the input first (see `_InputActivation`).
+        Other arguments: as Keras's `GroupNormalization`.
+
     Input shape: `(batch, height, width, channels)`. Output shape: the same.
     """
 
     def call(self, inputs, training=None):
         if not training:
-            return normalize_for_inference(inputs, self.gamma, self.beta, self.groups, self.epsilon)
-        y, _, _ = normalize_groups(tf.reshape(inputs, (tf.shape(inputs)[0], -1, inputs.shape[-1])),
-                                   self.gamma.value, self.beta.value, self.groups, self.epsilon)
+            return normalize_for_inference(self.input_activation(inputs), self.gamma, self.beta, self.groups,
+                                           self.epsilon)
+        y, _, _ = self._train_normalize(tf.reshape(inputs, (tf.shape(inputs)[0], -1, inputs.shape[-1])),
+                                        self.groups)
         return tf.reshape(y, tf.shape(inputs))
 
 
@@ -195,7 +230,8 @@ class LayerNorm(GroupNorm):
 
     Args:
         epsilon: added to the variance before the square root.
-        **kwargs: other `keras.layers.Layer` arguments (`name`, `dtype`).
+        **kwargs: `input_activation` (see `_InputActivation`) and other
+            `keras.layers.Layer` arguments (`name`, `dtype`).
 
     Input shape: `(batch, height, width, channels)`. Output shape: the same.
     """
@@ -205,29 +241,29 @@ class LayerNorm(GroupNorm):
         super().__init__(groups=1, epsilon=epsilon, **kwargs)
 
 
-def _batch_norm(channels, groups, sync_bn):
-    return BatchNorm(momentum=BN_MOMENTUM, epsilon=EPSILON, synchronized=sync_bn)
+def _batch_norm(channels, groups, sync_bn, input_activation):
+    return BatchNorm(momentum=BN_MOMENTUM, epsilon=EPSILON, synchronized=sync_bn, input_activation=input_activation)
 
 
-def _layer_norm(channels, groups, sync_bn):
-    return LayerNorm()
+def _layer_norm(channels, groups, sync_bn, input_activation):
+    return LayerNorm(input_activation=input_activation)
 
 
-def _group_norm(channels, groups, sync_bn):
+def _group_norm(channels, groups, sync_bn, input_activation):
     if groups < 1 or channels % groups:
         raise KernormError(
             f"group norm: groups={groups} does not divide {channels} channels; "
             f"pick a divisor of {channels} with --groups"
         )
-    return GroupNorm(groups=groups, epsilon=EPSILON)
+    return GroupNorm(groups=groups, epsilon=EPSILON, input_activation=input_activation)
 
 
-# name -> factory(channels, groups, sync_bn) -> layer. "none" adds no layer. LN and GN
+# name -> factory(channels, groups, sync_bn, input_activation) -> layer. "none" adds no layer. LN and GN
 # normalize each sample on its own, so only BN has batch statistics to synchronize.
 NORMS = {"bn": _batch_norm, "ln": _layer_norm, "gn": _group_norm, "none": None}
 
 
-def create_norm_layer(norm, channels, groups=2, sync_bn=False):
+def create_norm_layer(norm, channels, groups=2, sync_bn=False, input_activation=None):
     """Creates the normalization layer registered under `norm`.
 
     Args:
@@ -238,6 +274,8 @@ def create_norm_layer(norm, channels, groups=2, sync_bn=False):
             replicas of a `tf.distribute` strategy (Keras's
             `BatchNormalization(synchronized=True)`), not over each replica's
             share alone. Other norms ignore it.
+        input_activation: an activation the layer applies to its input
+            before normalizing (a Keras activation name), or None.
 
     Returns:
         A Keras layer, or None for no normalization.
@@ -245,4 +283,4 @@ def create_norm_layer(norm, channels, groups=2, sync_bn=False):
     key = "none" if norm is None else str(norm).lower()
     check_choice("norm", key, NORMS)
     factory = NORMS[key]
-    return factory(channels, groups, sync_bn) if factory else None
+    return factory(channels, groups, sync_bn, input_activation) if factory else None

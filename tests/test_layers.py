@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -13,9 +14,27 @@ def kinds(stack):
 
 def test_conv_layer_order_is_conv_activation_norm_dropout():
     stack = conv_layer(10, norm="bn", dropout=0.1)
-    assert kinds(stack) == ["Conv2D", "Activation", "BatchNorm", "Dropout"]
+    assert kinds(stack) == ["Conv2D", "BatchNorm", "Dropout"]  # the norm applies the activation first
     conv = stack[0]
     assert conv.kernel_size == (3, 3) and conv.padding == "valid" and not conv.use_bias
+    assert stack[1].input_activation is keras.activations.relu
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])  # a ReLU runs fused into the norm's op
+@pytest.mark.parametrize("training", [True, False])
+def test_conv_layer_computes_conv_then_activation_then_norm(norm, activation, training):
+    rng = np.random.default_rng(0)
+    conv, norm_layer = conv_layer(6, norm=norm, activation=activation)
+    features = conv(rng.normal(size=(4, 9, 9, 3)).astype("float32"))
+    separate = create_norm_layer(norm, 6)  # no input activation: the study's separate layers
+    gamma, beta = rng.normal(size=6), rng.normal(size=6)
+    for layer in (norm_layer, separate):
+        layer.build(features.shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+    expected = separate(keras.activations.get(activation)(features), training=training)
+    np.testing.assert_allclose(norm_layer(features, training=training), expected, atol=1e-5)
 
 
 def test_conv_layer_without_norm_or_dropout():
@@ -46,12 +65,12 @@ def test_registry_errors():
 
 def test_dropout_last_puts_one_dropout_after_the_block():
     block = conv_block([10, 10, 10], norm="gn", dropout=0.2, dropout_layers="last")
-    assert kinds(block.layers) == ["Conv2D", "Activation", "GroupNorm"] * 3 + ["Dropout"]
+    assert kinds(block.layers) == ["Conv2D", "GroupNorm"] * 3 + ["Dropout"]
 
 
 def test_dropout_all_puts_one_after_every_layer():
     block = conv_block([10, 10], norm="ln", dropout=0.2, dropout_layers="all")
-    assert kinds(block.layers) == ["Conv2D", "Activation", "LayerNorm", "Dropout"] * 2
+    assert kinds(block.layers) == ["Conv2D", "LayerNorm", "Dropout"] * 2
 
 
 def test_bad_dropout_layers():

@@ -4,6 +4,7 @@ The arithmetic and gradient tests run on both training paths: kernorm's C++
 ops and the XLA fallback.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -100,9 +101,10 @@ def test_training_gradients_equal_keras_layers(ours, keras_layer):
 
 
 def test_layer_norm_round_trips_through_its_config():
-    layer = LayerNorm(name="ln_a")
+    layer = LayerNorm(name="ln_a", input_activation="relu")
     clone = LayerNorm.from_config(layer.get_config())
     assert clone.groups == 1 and clone.epsilon == 1e-5 and clone.name == "ln_a"
+    assert clone.input_activation is keras.activations.relu
 
 
 def test_the_native_ops_build_here():
@@ -112,16 +114,19 @@ def test_the_native_ops_build_here():
 
 @pytest.mark.parametrize("shape, groups", [((1, 32 * 26 * 26, 10), 10), ((8, 26 * 26, 10), 2), ((5, 9, 12), 1)],
                          ids=["bn-several-units", "gn", "ln-less-than-a-strip"])
-def test_native_ops_equal_the_xla_path(shape, groups):
+@pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
+def test_native_ops_equal_the_xla_path(shape, groups, relu):
     rng = np.random.default_rng(3)
-    x = tf.constant(np.maximum(rng.normal(size=shape), 0).astype("float32"))
+    x = tf.constant(rng.normal(size=shape).astype("float32"))
     gamma, beta = (tf.constant(rng.normal(size=shape[-1]).astype("float32")) for _ in range(2))
     weights = tf.constant(rng.normal(size=shape).astype("float32"))
     results = []
-    for function in (normalize_groups, _normalize_xla):
+    paths = (lambda: normalize_groups(x, gamma, beta, groups, 1e-5, relu=relu),
+             lambda: _normalize_xla(tf.nn.relu(x) if relu else x, gamma, beta, groups, 1e-5))
+    for path in paths:
         with tf.GradientTape() as tape:
             tape.watch([x, gamma, beta])
-            y, mean, var = function(x, gamma, beta, groups, 1e-5)
+            y, mean, var = path()
             loss = tf.reduce_sum(y * weights)
         results.append([y, mean, var, *tape.gradient(loss, [x, gamma, beta])])
     for ours, xla in zip(*results):

@@ -50,7 +50,7 @@ def test_saved_model_reloads_in_safe_mode_and_predicts_like_the_run(tiny_run, mn
     (_, _), (x_test, y_test) = mnist
     acc = (model.predict(x_test[..., None].astype("float32"), verbose=0).argmax(-1) == y_test).mean()
     assert acc == pytest.approx(float(read_history(run_dir)[-1]["test_acc"]), abs=1e-4)
-    assert type(model.get_layer("block1").layers[2]).__name__ == "LayerNorm"
+    assert type(model.get_layer("block1").layers[1]).__name__ == "LayerNorm"
 
 
 def test_no_overwrite_without_flag(tiny_run, data_dir):

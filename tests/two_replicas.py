@@ -54,7 +54,7 @@ def first_bn_input(images):
     model = build_model("bn")
     model.set_weights(initial["bn"])
     block1 = model.get_layer("block1")
-    features = block1.layers[1](block1.layers[0](model.get_layer("normalize_pixels")(images)))
+    features = tf.nn.relu(block1.layers[0](model.get_layer("normalize_pixels")(images)))  # the BN applies the ReLU
     return features.numpy().astype("float64")  # exact means for reference
 
 
@@ -74,7 +74,7 @@ print(json.dumps({
     "ln_uneven_difference": difference(one_step(mirrored, "ln", False, odd), one_step(single, "ln", False, odd)),
     "bn_difference": difference(synced, alone),
     "bn_unsynchronized_difference": difference(one_step(mirrored, "bn", sync_bn=False), alone),
-    "moving_mean": synced.get_layer("block1").layers[2].moving_mean.numpy().tolist(),
+    "moving_mean": synced.get_layer("block1").layers[1].moving_mean.numpy().tolist(),
     "whole_batch_mean": features.mean(axis=(0, 1, 2)).tolist(),
     "half_batch_means": [features[:BATCH // 2].mean(axis=(0, 1, 2)).tolist(),
                          features[BATCH // 2:].mean(axis=(0, 1, 2)).tolist()],
