@@ -26,7 +26,9 @@ SOURCE = os.path.join(os.path.dirname(__file__), "normalize_groups.cc")
 # AVX2 and FMA: the vector width the strips are laid out for (16 floats = two
 # registers). -march=native would also enable AVX512-FP16, which TensorFlow's
 # Eigen headers fail to compile with under GCC 12.
-_FLAGS = ["-O3", "-shared", "-fPIC", "-w"] + (["-mavx2", "-mfma"] if platform.machine() in ("x86_64", "AMD64") else [])
+_FLAGS = ["-O3", "-shared", "-fPIC", "-w"]
+if platform.machine() in ("x86_64", "AMD64"):
+    _FLAGS += ["-mavx2", "-mfma"]
 
 
 @functools.cache
