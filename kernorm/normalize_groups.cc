@@ -3,12 +3,12 @@
 // KernormNormalizeGroups(x, gamma, beta) normalizes x, shaped (rows, positions,
 // channels), with one mean and variance per row and group of channels, then
 // scales and shifts per channel; KernormNormalizeGroupsGrad is its gradient.
-// With relu=true both take x before the ReLU that precedes the norm in
-// kernorm's layers and apply it on the way, which saves the ReLU's own passes.
 // Each makes two passes over the feature map, split over TensorFlow's CPU
 // threads: the per-channel sums, then the output. Keras's layers and XLA take
 // four to six; in the study's network that is most of a training step's norm
-// time (README, "Training speed").
+// time (README, "Training speed"). With relu=true both take x before the ReLU
+// that precedes the norm in kernorm's layers and apply it on the way, which
+// saves the ReLU's own passes.
 //
 // The sums walk the map in strips of 16 · channels floats: lane j of a strip
 // always holds channel j % channels, and a strip is a whole number of
