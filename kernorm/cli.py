@@ -56,7 +56,7 @@ def _device_list(ctx, param, value):
               help="Training recipe to start from; options given here override it. Defaults shown are the "
                    "study's; compact: its network, 15 epochs, lr 0.1 one-cycle, augmentation.")
 @click.option("--architecture", default=_DEFAULTS.architecture, show_default=True,
-              help="Network: study (the study's), or compact (4,618 parameters).")
+              help="Network: study (the study's), or compact (4,490 parameters).")
 @click.option("--norm", type=click.Choice(["none", "bn", "ln", "gn"]), default=_DEFAULTS.norm, show_default=True)
 @click.option("--groups", type=click.IntRange(min=1), default=_DEFAULTS.groups, show_default=True,
               help="Channel groups for gn.")

@@ -20,7 +20,7 @@ def kernel_regularizer(l1, l2):
 
 
 def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activation="relu",
-               norm=None, groups=2, dropout=None, l1=0.0, l2=0.0, sync_bn=False):
+               norm=None, groups=2, dropout=None, l1=0.0, l2=0.0, sync_bn=False, separable=False):
     """The study's `buildConvLayer`: conv -> activation -> norm -> dropout.
 
     Args:
@@ -35,7 +35,14 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
         sync_bn: synchronized batch statistics across replicas for "bn"
             (see `create_norm_layer`).
         l1, l2: coefficients of the kernel regularizer; the loss gains
-            `l1·Σ|w| + l2·Σw²` over this layer's kernel.
+            `l1·Σ|w| + l2·Σw²` over this layer's kernel (both kernels when
+            separable).
+        separable: a depthwise-separable convolution (Keras's
+            `SeparableConv2D`: a `kernel_size` filter per input channel, then
+            a 1×1 convolution to `filters`) in place of the full one:
+            `k²·C_in + C_in·filters` weights instead of `k²·C_in·filters`.
+            Its kernels keep Keras's default initializer, as the study (which
+            had none) gives no PyTorch counterpart to copy.
 
     Returns:
         A list of layers computing the order above: the convolution, the norm
@@ -44,11 +51,15 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
         norm an `Activation` layer, then the dropout. Input
         `(batch, H, W, C_in)`, output `(batch, H', W', filters)`.
     """
-    stack = [layers.Conv2D(
-        filters, kernel_size, padding=padding, use_bias=use_bias,
-        kernel_initializer=keras.initializers.VarianceScaling(**TORCH_INIT),
-        kernel_regularizer=kernel_regularizer(l1, l2),
-    )]
+    if separable:
+        conv = layers.SeparableConv2D(filters, kernel_size, padding=padding, use_bias=use_bias,
+                                      depthwise_regularizer=kernel_regularizer(l1, l2),
+                                      pointwise_regularizer=kernel_regularizer(l1, l2))
+    else:
+        conv = layers.Conv2D(filters, kernel_size, padding=padding, use_bias=use_bias,
+                             kernel_initializer=keras.initializers.VarianceScaling(**TORCH_INIT),
+                             kernel_regularizer=kernel_regularizer(l1, l2))
+    stack = [conv]
     norm_layer = create_norm_layer(norm, filters, groups, sync_bn, input_activation=activation)
     stack.append(layers.Activation(activation) if norm_layer is None else norm_layer)
     if dropout:
@@ -58,7 +69,7 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
 
 def conv_block(filters_list, kernel_size=3, padding="valid", use_bias=False, activation="relu",
                norm=None, groups=2, dropout=None, dropout_layers="last", l1=0.0, l2=0.0,
-               sync_bn=False, name=None):
+               sync_bn=False, separable=False, name=None):
     """The study's `buildConvBlock`: one `conv_layer` per entry of `filters_list`.
 
     Args:
@@ -79,7 +90,7 @@ def conv_block(filters_list, kernel_size=3, padding="valid", use_bias=False, act
     for filters in filters_list:
         stack += conv_layer(filters, kernel_size=kernel_size, padding=padding, use_bias=use_bias,
                             activation=activation, norm=norm, groups=groups, l1=l1, l2=l2,
-                            sync_bn=sync_bn, dropout=dropout if dropout_layers == "all" else None)
+                            sync_bn=sync_bn, separable=separable, dropout=dropout if dropout_layers == "all" else None)
     if dropout and dropout_layers == "last":
         stack.append(layers.Dropout(dropout))
     return keras.Sequential(stack, name=name)

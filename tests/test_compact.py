@@ -14,6 +14,9 @@ from kernorm.models import build_model, count_trainable, load_model
 from kernorm.train import PRESETS, WARMUP_DIVISOR, TrainConfig, learning_rate
 
 
+NORM_KINDS = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
+
+
 @pytest.fixture(scope="module")
 def compact_run(tmp_path_factory, data_dir):
     """`kernorm train --preset compact` for 2 epochs on 640 images: (run folder, CLI output)."""
@@ -27,11 +30,13 @@ def compact_run(tmp_path_factory, data_dir):
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
 def test_compact_network_keeps_the_parameter_budget(norm):
     model = build_model(norm, architecture="compact")
-    assert count_trainable(model) == 4618 <= 4700
+    assert count_trainable(model) == 4490 <= 4700
     assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
-    # Built from the factories: two conv blocks and a transition between them.
-    assert [layer.name for layer in model.layers] == ["normalize_pixels", "block1", "transition1", "block2",
-                                                      "pool", "logits"]
+    # Built from the factories: a stem conv, then two separable conv blocks with a transition between them.
+    assert [layer.name for layer in model.layers] == ["normalize_pixels", "stem", "block1", "transition1",
+                                                      "block2", "pool", "logits"]
+    assert [type(inner).__name__ for inner in model.get_layer("block2").layers] == [
+        "SeparableConv2D", NORM_KINDS[norm]] * 3
 
 
 def test_onecycle_schedule_warms_up_peaks_and_ends_at_zero():
@@ -77,16 +82,16 @@ def test_compact_preset_writes_its_recipe_and_command_line_overrides_it(compact_
     assert (config.architecture, config.schedule, config.augment, config.lr) == (
         "compact", "onecycle", True, compact.lr)
     assert (config.norm, config.epochs, config.limit) == ("gn", 2, 640)
-    assert "Trainable parameters: 4,618" in output
+    assert "Trainable parameters: 4,490" in output
     with open(os.path.join(run_dir, "metrics.json")) as f:
-        assert json.load(f)["params"] == 4618
+        assert json.load(f)["params"] == 4490
 
 
 def test_saved_compact_model_holds_no_augmentation_and_evaluates_on_plain_images(compact_run, mnist):
     run_dir, _ = compact_run
     model = load_model(os.path.join(run_dir, "model.keras"))
     kinds = {type(inner).__name__ for layer in model.layers for inner in getattr(layer, "layers", [layer])}
-    assert kinds == {"Rescaling", "Conv2D", "GroupNorm", "AveragePooling2D",
+    assert kinds == {"Rescaling", "Conv2D", "SeparableConv2D", "GroupNorm", "AveragePooling2D",
                      "GlobalAveragePooling2D", "Dense"}
     (_, _), (x_test, y_test) = mnist
     images = x_test[..., None].astype("float32")

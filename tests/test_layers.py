@@ -41,6 +41,20 @@ def test_conv_layer_without_norm_or_dropout():
     assert kinds(conv_layer(8)) == ["Conv2D", "Activation"]
 
 
+def test_separable_conv_layer_filters_each_channel_then_mixes_them():
+    conv, norm_layer = conv_layer(8, norm="gn", separable=True, l2=1e-3)
+    assert type(conv).__name__ == "SeparableConv2D" and type(norm_layer).__name__ == "GroupNorm"
+    features = keras.random.normal((2, 9, 9, 4), seed=0)
+    out = conv(features)
+    assert out.shape == (2, 7, 7, 8)
+    depthwise, pointwise = conv.get_weights()
+    assert depthwise.size + pointwise.size == 3 * 3 * 4 + 4 * 8  # not 3·3·4·8
+    # The same as a 3×3 filter per channel followed by a 1×1 convolution.
+    per_channel = keras.ops.depthwise_conv(features, depthwise, padding="valid")
+    np.testing.assert_allclose(out, keras.ops.conv(per_channel, pointwise), atol=1e-5)
+    assert len(conv.losses) == 2  # the regularizer covers both kernels
+
+
 @pytest.mark.parametrize("norm, kind", [("bn", "BatchNorm"), ("ln", "LayerNorm"), ("gn", "GroupNorm"),
                                          ("none", None), (None, None)])
 def test_registry_picks_the_norm(norm, kind):
