@@ -43,7 +43,7 @@ def _study_layers(block):
 
 
 def _compact_layers(block):
-    """Stem conv 8 -> separable block [16, 24] -> transition -> separable block [24, 32, 32] -> global average pool.
+    """Stem conv [8] -> separable block [16, 24] -> transition -> separable block [24, 32, 32] -> global avg.
 
     The study's plan with its parameters moved. A depthwise-separable 3×3
     conv (a 3×3 filter per input channel, then a 1×1 conv across channels)
