@@ -51,14 +51,14 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
         norm an `Activation` layer, then the dropout. Input
         `(batch, H, W, C_in)`, output `(batch, H', W', filters)`.
     """
+    regularizer = kernel_regularizer(l1, l2)
     if separable:
         conv = layers.SeparableConv2D(filters, kernel_size, padding=padding, use_bias=use_bias,
-                                      depthwise_regularizer=kernel_regularizer(l1, l2),
-                                      pointwise_regularizer=kernel_regularizer(l1, l2))
+                                      depthwise_regularizer=regularizer, pointwise_regularizer=regularizer)
     else:
         conv = layers.Conv2D(filters, kernel_size, padding=padding, use_bias=use_bias,
                              kernel_initializer=keras.initializers.VarianceScaling(**TORCH_INIT),
-                             kernel_regularizer=kernel_regularizer(l1, l2))
+                             kernel_regularizer=regularizer)
     stack = [conv]
     norm_layer = create_norm_layer(norm, filters, groups, sync_bn, input_activation=activation)
     stack.append(layers.Activation(activation) if norm_layer is None else norm_layer)
@@ -90,7 +90,8 @@ def conv_block(filters_list, kernel_size=3, padding="valid", use_bias=False, act
     for filters in filters_list:
         stack += conv_layer(filters, kernel_size=kernel_size, padding=padding, use_bias=use_bias,
                             activation=activation, norm=norm, groups=groups, l1=l1, l2=l2,
-                            sync_bn=sync_bn, separable=separable, dropout=dropout if dropout_layers == "all" else None)
+                            sync_bn=sync_bn, separable=separable,
+                            dropout=dropout if dropout_layers == "all" else None)
     if dropout and dropout_layers == "last":
         stack.append(layers.Dropout(dropout))
     return keras.Sequential(stack, name=name)
