@@ -72,6 +72,9 @@ def test_augmentation_is_seeded_and_keeps_labels(mnist):
     # Small moves: the ink stays roughly the same and stays within the pixel range.
     assert moved.min() >= 0 and moved.max() <= 255
     np.testing.assert_allclose(moved.sum(axis=(1, 2, 3)), plain.sum(axis=(1, 2, 3)), rtol=0.25)
+    # Nearest sampling copies pixels: no image gains a grey level it did not hold (no blur).
+    for m, p in zip(moved, plain):
+        assert set(np.unique(m)) <= set(np.unique(p)) | {0.0}
     assert not np.array_equal(first_batch(4, False)[0], other)
 
 
