@@ -103,7 +103,8 @@ class TrainConfig:
 # Training recipes by name; command-line options override their fields.
 PRESETS = {
     "study": TrainConfig(),
-    "compact": TrainConfig(architecture="compact", epochs=15, lr=0.1, schedule="onecycle", augment=True),
+    "compact": TrainConfig(architecture="compact", l2=2.5e-4, epochs=15, lr=0.1, schedule="onecycle",
+                           augment=True),
 }
 
 

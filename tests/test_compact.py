@@ -82,8 +82,8 @@ def test_compact_preset_writes_its_recipe_and_command_line_overrides_it(compact_
     run_dir, output = compact_run
     config = TrainConfig.load(os.path.join(run_dir, "config.json"))
     compact = PRESETS["compact"]
-    assert (config.architecture, config.schedule, config.augment, config.lr) == (
-        "compact", "onecycle", True, compact.lr)
+    assert (config.architecture, config.schedule, config.augment, config.lr, config.l2) == (
+        "compact", "onecycle", True, compact.lr, compact.l2)
     assert (config.norm, config.epochs, config.limit) == ("gn", 2, 640)
     assert "Trainable parameters: 4,490" in output
     with open(os.path.join(run_dir, "metrics.json")) as f:
