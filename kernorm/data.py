@@ -110,8 +110,8 @@ def augment(images, seed):
     Each output pixel copies its nearest input pixel (0, the background of
     raw MNIST, from outside the image): bilinear interpolation would blur
     every image it moves by a fraction of a pixel, and the test images are
-    sharp. The draws are stateless: the same `seed` gives
-    the same batch, so a resumed run sees the images it would have seen.
+    sharp. The draws are stateless: the same `seed` gives the same batch, so
+    a resumed run sees the images it would have seen.
 
     Args:
         images: float32 `(batch, H, W, 1)` raw pixels.
