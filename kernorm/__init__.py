@@ -1,3 +1,5 @@
 """kernorm: normalization and regularization for a tiny Keras CNN, from training to TFLite."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("kernorm")  # written once, in setup.cfg

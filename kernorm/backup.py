@@ -11,13 +11,13 @@ import json
 import os
 import shutil
 
+import tensorflow as tf
+
 from kernorm.errors import KernormError
 
 
 def has_backup(directory):
     """Whether `directory` holds a finished backup (a checkpoint its index names)."""
-    import tensorflow as tf
-
     return os.path.isdir(directory) and tf.train.latest_checkpoint(directory) is not None
 
 
@@ -43,8 +43,6 @@ class Backup:
     """
 
     def __init__(self, directory, model, optimizer, write_dir=None):
-        import tensorflow as tf
-
         self.directory = directory
         self.write_dir = write_dir or directory
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -64,8 +62,6 @@ class Backup:
 
     def restore(self):
         """Loads the latest backup of `directory` into the model, optimizer and counters."""
-        import tensorflow as tf
-
         path = tf.train.latest_checkpoint(self.directory)
         if path is None:
             raise KernormError(f"backup folder {self.directory} holds no backup to resume from; "

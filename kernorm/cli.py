@@ -6,11 +6,10 @@ import os
 import click
 from click.core import ParameterSource
 
-from kernorm.distribution import STRATEGIES
+from kernorm.config import (ARCHITECTURES, DEFAULT_GROUPS, DROPOUT_LAYERS, NORMS, PRECISIONS, PRESETS,
+                            QUANTIZATIONS, SCHEDULES, STRATEGIES, ExportConfig, ReproduceConfig, TrainConfig,
+                            describe_preset)
 from kernorm.errors import KernormError
-from kernorm.export import QUANTIZATIONS, ExportConfig
-from kernorm.study import ReproduceConfig
-from kernorm.train import PRECISIONS, PRESETS, SCHEDULES, TrainConfig
 
 # Quiet TensorFlow's C++ start-up banner before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -54,10 +53,11 @@ def _device_list(ctx, param, value):
               help="Start from a run's config.json; options given here override it.")
 @click.option("--preset", type=click.Choice(list(PRESETS)), default="study", show_default=True,
               help="Training recipe to start from; options given here override it. Defaults shown are the "
-                   "study's; compact: its network, L2 2.5e-4, 15 epochs, lr 0.1 one-cycle, augmentation.")
-@click.option("--architecture", default=_DEFAULTS.architecture, show_default=True,
-              help="Network: study (the study's), or compact (4,490 parameters).")
-@click.option("--norm", type=click.Choice(["none", "bn", "ln", "gn"]), default=_DEFAULTS.norm, show_default=True)
+                   "study's; " + "; ".join(f"{name}: {describe_preset(name)}" for name in PRESETS if name != "study")
+                   + ".")
+@click.option("--architecture", type=click.Choice(ARCHITECTURES), default=_DEFAULTS.architecture,
+              show_default=True, help="Network: study (the study's), or compact (depthwise-separable).")
+@click.option("--norm", type=click.Choice(NORMS), default=_DEFAULTS.norm, show_default=True)
 @click.option("--groups", type=click.IntRange(min=1), default=_DEFAULTS.groups, show_default=True,
               help="Channel groups for gn.")
 @click.option("--l1", type=click.FloatRange(min=0), default=_DEFAULTS.l1, show_default=True,
@@ -65,8 +65,8 @@ def _device_list(ctx, param, value):
 @click.option("--l2", type=click.FloatRange(min=0), default=_DEFAULTS.l2, show_default=True,
               help="L2 coefficient on conv and dense kernels.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None, help="Dropout rate.")
-@click.option("--dropout-layers", type=click.Choice(["last", "all"]), default=_DEFAULTS.dropout_layers,
-              show_default=True)
+@click.option("--dropout-layers", type=click.Choice(DROPOUT_LAYERS), default=_DEFAULTS.dropout_layers,
+              show_default=True, help="Dropout after each conv block (last) or after every conv layer (all).")
 @click.option("--epochs", type=click.IntRange(min=1), default=_DEFAULTS.epochs, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=_DEFAULTS.batch_size, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
@@ -148,8 +148,9 @@ def reproduce(ctx, **options):
 def plot(runs, out):
     """Plot the learning curves of one or more run folders into one figure."""
     from kernorm import reports
+    from kernorm.rundir import load_run
 
-    reports.save_figure(reports.draw_curves([reports.load_run(run) for run in runs]), out)
+    reports.save_figure(reports.draw_curves([load_run(run) for run in runs]), out)
     click.echo(f"Curves written to {out}")
 
 
@@ -163,10 +164,11 @@ def gallery(run, count, out, data_dir):
     from kernorm import reports
     from kernorm.data import load_mnist
     from kernorm.models import load_model
+    from kernorm.rundir import load_run
 
-    loaded = reports.load_run(run)
+    loaded = load_run(run)
     _, (x_test, y_test) = load_mnist(data_dir or loaded.config.data_dir)
-    probs = reports.predict_probs(load_model(os.path.join(run, "model.keras")), x_test)
+    probs = reports.predict_probs(load_model(loaded.model_file), x_test)
     title = f"{loaded.label}, after epoch {loaded.metrics['epochs_completed']}"
     reports.save_figure(reports.draw_gallery(x_test, y_test, probs, count, title=title), out)
     click.echo(f"Gallery written to {out}")
@@ -177,15 +179,17 @@ def gallery(run, count, out, data_dir):
 def compare(runs):
     """Print a markdown table of the runs' parameters, accuracies and speed."""
     from kernorm import reports
+    from kernorm.rundir import load_run
 
-    click.echo(reports.results_markdown([reports.summarize_run(reports.load_run(run)) for run in runs]), nl=False)
+    click.echo(reports.results_markdown([reports.summarize_run(load_run(run)) for run in runs]), nl=False)
 
 
 @main.command()
 @click.option("--batch", type=click.IntRange(min=1), default=None, help="Images in the batch [default: 4].")
 @click.option("--channels", type=click.IntRange(min=1), default=None, help="Channels per image [default: 4].")
 @click.option("--size", type=click.IntRange(min=1), default=None, help="Image height and width [default: 2].")
-@click.option("--groups", type=click.IntRange(min=1), default=2, show_default=True, help="Channel groups for GN.")
+@click.option("--groups", type=click.IntRange(min=1), default=DEFAULT_GROUPS, show_default=True,
+              help="Channel groups for GN.")
 @click.option("--seed", type=int, default=None, help="Seed of the drawn integers [default: 1].")
 @click.option("--values", "values_file", type=click.Path(dir_okay=False),
               help='JSON {"activations": [image][channel][row][col], "weights": [out][in]} instead of drawn values.')

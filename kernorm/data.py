@@ -4,7 +4,9 @@ import gzip
 import math
 import os
 
+import keras
 import numpy as np
+import tensorflow as tf
 
 from kernorm.errors import KernormError
 
@@ -85,8 +87,6 @@ def load_mnist(data_dir=None):
         train = arrays["train_images"], arrays["train_labels"]
         test = arrays["test_images"], arrays["test_labels"]
     else:
-        import keras
-
         try:
             train, test = keras.datasets.mnist.load_data()
         except Exception as e:  # any network or cache failure ends in the same advice
@@ -120,9 +120,6 @@ def augment(images, seed):
     Returns:
         The transformed batch, same shape and dtype.
     """
-    import keras
-    import tensorflow as tf
-
     n = tf.shape(images)[0]
     angle = tf.random.stateless_uniform([n], seed, -1.0, 1.0) * (MAX_ROTATION_DEGREES * math.pi / 180)
     shift = tf.random.stateless_uniform([n, 2], seed + 1, -MAX_SHIFT_PIXELS, MAX_SHIFT_PIXELS)
@@ -152,8 +149,6 @@ def make_dataset(images, labels, batch_size, shuffle_seed=None, augment_images=F
     Returns:
         A `tf.data.Dataset` of float32 `(batch, 28, 28, 1)` raw pixels and int32 labels.
     """
-    import tensorflow as tf
-
     if augment_images and shuffle_seed is None:
         raise KernormError("augmentation needs a shuffle_seed: it draws from it")
     ds = tf.data.Dataset.from_tensor_slices((images[..., None], labels.astype("int32")))

@@ -12,9 +12,11 @@ import json
 import os
 import re
 
+import tensorflow as tf
+
+from kernorm.config import STRATEGIES
 from kernorm.errors import KernormError, check_choice
 
-STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
 # The task types MultiWorkerMirroredStrategy runs; "ps" and "evaluator" belong to other set-ups.
 WORKER_TASKS = ("chief", "worker")
 _DEVICE = re.compile(r"^/?(?:device:)?(cpu|gpu):(\d+)$", re.IGNORECASE)
@@ -157,8 +159,6 @@ def choose_strategy(name, gpus, devices=None, cpu_replicas=None, tf_config=None)
 
 def plan_strategy(name, devices=None, cpu_replicas=None):
     """`choose_strategy` on this machine: its GPUs and its `TF_CONFIG` environment variable."""
-    import tensorflow as tf
-
     gpus = [d.name.split("physical_device:")[-1] for d in tf.config.list_physical_devices("GPU")]
     return choose_strategy(name, gpus, devices, cpu_replicas, os.environ.get("TF_CONFIG"))
 
@@ -169,8 +169,6 @@ def split_cpu(replicas):
     TensorFlow allows this only before it runs its first operation; asking
     again for the same split later is a no-op.
     """
-    import tensorflow as tf
-
     cpu = tf.config.list_physical_devices("CPU")[0]
     wanted = [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)]
     current = tf.config.get_logical_device_configuration(cpu)
@@ -189,8 +187,6 @@ def make_strategy(plan):
     Call it before TensorFlow runs anything else: logical CPU devices and
     MultiWorkerMirroredStrategy can only be set up at the start of a process.
     """
-    import tensorflow as tf
-
     if plan.cpu_replicas:
         split_cpu(plan.cpu_replicas)
     if plan.kind == "default":
@@ -203,8 +199,6 @@ def _strategy(kind, devices):
     # One strategy per kind and devices in a process: every MirroredStrategy numbers its
     # collective ops from the same start, so a second one over the same devices would reuse
     # the first one's keys for other tensors and abort ("Shape mismatch in the collective").
-    import tensorflow as tf
-
     if kind == "multi-worker":
         return tf.distribute.MultiWorkerMirroredStrategy()  # reads TF_CONFIG
     if kind == "mirrored":

@@ -8,7 +8,6 @@ figures of every model, passed or not, go to `export.json`.
 """
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import os
@@ -16,58 +15,19 @@ import time
 import warnings
 
 import numpy as np
+import tensorflow as tf
 
+from kernorm.data import load_mnist
 from kernorm.errors import KernormError
 from kernorm.files import prepare_output_dir, write_bytes, write_json
+from kernorm.models import load_model
+from kernorm.runtime import TFLiteModel
 
-QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
 # Batch-1 latency is timed over this many test images; throughput over all of them in batches of this size.
 LATENCY_IMAGES = 1000
 THROUGHPUT_BATCH = 256
 KERAS_BATCH = 1000
 CALIBRATION_SEED = 0
-
-
-@dataclasses.dataclass
-class ExportConfig:
-    """Everything that defines an export; saved as `config.json` in the export folder.
-
-    Attributes:
-        model: a run folder (its `model.keras` is used) or a `.keras` file.
-        quantize: "float32", "float16", "dynamic", "int8", or "all" of them.
-        out: the export folder; default `export/` beside the `.keras` file.
-        max_drop: the largest accepted accuracy drop, TFLite below Keras, in points.
-        calibration: training images that calibrate the int8 model's ranges.
-        data_dir: folder of the MNIST IDX files, as for `kernorm train`.
-    """
-
-    model: str
-    quantize: str = "int8"
-    out: str | None = None
-    max_drop: float = 0.3
-    calibration: int = 500
-    data_dir: str | None = None
-
-    @property
-    def model_file(self):
-        """The `.keras` file: `model` itself, or `model.keras` in the run folder `model`."""
-        return os.path.join(self.model, "model.keras") if os.path.isdir(self.model) else self.model
-
-    @property
-    def out_dir(self):
-        return self.out or os.path.join(os.path.dirname(self.model_file), "export")
-
-    @property
-    def quantizations(self):
-        if self.quantize == "all":
-            return QUANTIZATIONS
-        if self.quantize not in QUANTIZATIONS:
-            raise KernormError(f"unknown quantization {self.quantize!r}; choose one of "
-                               f"{', '.join(QUANTIZATIONS)} or all")
-        return (self.quantize,)
-
-    def save(self, path):
-        write_json(path, dataclasses.asdict(self))
 
 
 def calibration_images(x_train, count, seed=CALIBRATION_SEED):
@@ -104,8 +64,6 @@ def convert(model, quantize, calibration=None):
     Returns:
         The `.tflite` file's bytes.
     """
-    import tensorflow as tf
-
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if quantize != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -160,8 +118,6 @@ def check(flatbuffer, quantize, x_test, y_test, keras_pred):
         p50/p99 in µs, throughput in images/s, input and output dtype and
         quantization (scale, zero point).
     """
-    from kernorm.runtime import TFLiteModel
-
     model = TFLiteModel(flatbuffer, name=f"the {quantize} model")
     images = x_test[..., None]
     probabilities, images_per_second = throughput(model.predict, images, THROUGHPUT_BATCH)
@@ -191,16 +147,13 @@ def export(config, overwrite=False, verbose=True):
     names the failures.
 
     Args:
-        config: an `ExportConfig`.
+        config: a `kernorm.config.ExportConfig`.
         overwrite: replace an existing export folder.
         verbose: print one line of figures per model.
 
     Returns:
         The report also written to `export.json`.
     """
-    from kernorm.data import load_mnist
-    from kernorm.models import load_model
-
     quantizations = config.quantizations
     if config.max_drop < 0:
         raise KernormError(f"--max-drop {config.max_drop}: the accepted drop cannot be negative")

@@ -8,7 +8,8 @@ name from `kernorm.norms.NORMS`, so adding one is one entry there.
 import keras
 from keras import layers
 
-from kernorm.errors import KernormError
+from kernorm.config import DEFAULT_GROUPS, DROPOUT_LAYERS
+from kernorm.errors import check_choice
 from kernorm.norms import create_norm_layer
 
 # PyTorch's default initialisation of conv and linear weights: U(±1/sqrt(fan_in)).
@@ -20,7 +21,7 @@ def kernel_regularizer(l1, l2):
 
 
 def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activation="relu",
-               norm=None, groups=2, dropout=None, l1=0.0, l2=0.0, sync_bn=False, separable=False):
+               norm=None, groups=DEFAULT_GROUPS, dropout=None, l1=0.0, l2=0.0, sync_bn=False, separable=False):
     """The study's `buildConvLayer`: conv -> activation -> norm -> dropout.
 
     Args:
@@ -68,7 +69,7 @@ def conv_layer(filters, kernel_size=3, padding="valid", use_bias=False, activati
 
 
 def conv_block(filters_list, kernel_size=3, padding="valid", use_bias=False, activation="relu",
-               norm=None, groups=2, dropout=None, dropout_layers="last", l1=0.0, l2=0.0,
+               norm=None, groups=DEFAULT_GROUPS, dropout=None, dropout_layers="last", l1=0.0, l2=0.0,
                sync_bn=False, separable=False, name=None):
     """The study's `buildConvBlock`: one `conv_layer` per entry of `filters_list`.
 
@@ -84,8 +85,7 @@ def conv_block(filters_list, kernel_size=3, padding="valid", use_bias=False, act
         A `keras.Sequential`. Input `(batch, H, W, C)`, output
         `(batch, H', W', filters_list[-1])`.
     """
-    if dropout_layers not in ("last", "all"):
-        raise KernormError(f"dropout_layers must be 'last' or 'all', not {dropout_layers!r}")
+    check_choice("dropout placement", dropout_layers, DROPOUT_LAYERS)
     stack = []
     for filters in filters_list:
         stack += conv_layer(filters, kernel_size=kernel_size, padding=padding, use_bias=use_bias,

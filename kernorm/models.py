@@ -7,6 +7,7 @@ import os
 import keras
 from keras import layers
 
+from kernorm.config import DEFAULT_GROUPS
 from kernorm.errors import KernormError, check_choice
 from kernorm.layers import TORCH_INIT, conv_block, kernel_regularizer, trans_block
 
@@ -64,12 +65,13 @@ def _compact_layers(block):
     ]
 
 
-# Architectures by name: each maps a conv_block's keyword arguments to the layers
-# between the pixel normalization and the logits.
+# Architectures by name, one for each of `kernorm.config.ARCHITECTURES`: each maps a
+# conv_block's keyword arguments to the layers between the pixel normalization and the logits.
 ARCHITECTURES = {"study": _study_layers, "compact": _compact_layers}
 
 
-def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", groups=2, sync_bn=False,
+def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", groups=DEFAULT_GROUPS,
+                sync_bn=False,
                 architecture="study"):
     """Builds the study's network, or another of `ARCHITECTURES` from the same factories.
 
@@ -77,7 +79,8 @@ def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", 
         norm: "bn", "ln", "gn", "none" or None.
         l1, l2: kernel regularizer coefficients for every conv and dense kernel.
         dropout: dropout rate, or None.
-        dropout_layers: "last" (one Dropout per block) or "all" (after every conv layer).
+        dropout_layers: one of `kernorm.config.DROPOUT_LAYERS`: "last" (one
+            Dropout per block) or "all" (after every conv layer).
         groups: channel groups for "gn".
         sync_bn: "bn" synchronizes its batch statistics across the replicas of
             a `tf.distribute` strategy (see `kernorm.norms.create_norm_layer`).

@@ -29,6 +29,7 @@ import json
 
 import numpy as np
 
+from kernorm.config import DEFAULT_GROUPS
 from kernorm.errors import KernormError
 from kernorm.norms import EPSILON, create_norm_layer
 
@@ -210,7 +211,7 @@ def cross_check(calculation, activations, weights, norm_factory=create_norm_laye
     return largest
 
 
-def normcalc(activations, weights, groups=2, norm_factory=create_norm_layer):
+def normcalc(activations, weights, groups=DEFAULT_GROUPS, norm_factory=create_norm_layer):
     """Works BN, LN and GN out on the two layers and checks every number with Keras.
 
     Args:

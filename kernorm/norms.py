@@ -18,6 +18,7 @@ import tensorflow as tf
 from keras import layers
 
 from kernorm import native
+from kernorm.config import DEFAULT_GROUPS
 from kernorm.errors import KernormError, check_choice
 
 # PyTorch's defaults, which the study trained with: eps 1e-5, and BatchNorm2d's
@@ -261,13 +262,14 @@ def _group_norm(channels, groups, sync_bn, input_activation):
     return GroupNorm(groups=groups, epsilon=EPSILON, input_activation=input_activation)
 
 
-# name -> factory(channels, groups, sync_bn, input_activation) -> layer. "none" adds no
+# name -> factory(channels, groups, sync_bn, input_activation) -> layer, one for each of
+# `kernorm.config.NORMS`. "none" adds no
 # layer. LN and GN normalize each sample on its own, so only BN has batch statistics to
 # synchronize.
 NORMS = {"bn": _batch_norm, "ln": _layer_norm, "gn": _group_norm, "none": None}
 
 
-def create_norm_layer(norm, channels, groups=2, sync_bn=False, input_activation=None):
+def create_norm_layer(norm, channels, groups=DEFAULT_GROUPS, sync_bn=False, input_activation=None):
     """Creates the normalization layer registered under `norm`.
 
     Args:

@@ -6,17 +6,17 @@ state is left behind. Each `draw_*` function returns a `Figure` (so tests can
 read what it shows); `save_figure` writes it whole or not at all.
 """
 
-import csv
-import json
 import math
 import os
-from dataclasses import dataclass
 
+import keras
 import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from kernorm.errors import KernormError
 from kernorm.files import atomic_path
-from kernorm.train import TrainConfig
 
 DPI = 100
 CURVES_SIZE = (12, 8)  # inches; 1200×800 px at DPI
@@ -25,44 +25,6 @@ GALLERY_COLUMNS = 5
 GALLERY_CELL = (2.0, 2.3)  # inches per image and its caption
 GALLERY_TITLE = 0.6  # inches above the images
 CLASSES = 10
-
-
-@dataclass
-class Run:
-    """A run folder as written by `kernorm.train.train`."""
-
-    path: str
-    config: TrainConfig
-    history: list
-    metrics: dict
-
-    @property
-    def label(self):
-        """The study's way of naming an experiment: "BN + L1 + L2", "LN + L2", "GN + L1"."""
-        norm = self.config.norm
-        penalties = [name for name, v in (("L1", self.config.l1), ("L2", self.config.l2)) if v]
-        return " + ".join(["no norm" if norm in (None, "none") else norm.upper()] + penalties)
-
-
-def load_run(path):
-    """Reads a run folder's `config.json`, `history.csv` and `metrics.json` into a `Run`."""
-    files = {name: os.path.join(path, name) for name in ("config.json", "history.csv", "metrics.json")}
-    for name, file in files.items():
-        if not os.path.isfile(file):
-            raise KernormError(f"{path} is not a finished kernorm run folder (no {name}); "
-                               f"pass a folder written by kernorm train")
-    config = TrainConfig.load(files["config.json"])
-    try:
-        with open(files["history.csv"]) as f:
-            history = [{key: (int(v) if key == "epoch" else float(v)) for key, v in row.items()}
-                       for row in csv.DictReader(f)]
-        with open(files["metrics.json"]) as f:
-            metrics = json.load(f)
-    except (OSError, ValueError, TypeError) as e:
-        raise KernormError(f"{path}: unreadable history.csv or metrics.json ({e}); train the run again") from None
-    if not history:
-        raise KernormError(f"{path}: no finished epoch in history.csv; train the run again")
-    return Run(path, config, history, metrics)
 
 
 def run_labels(runs):
@@ -84,8 +46,6 @@ def save_figure(fig, path):
 
 
 def _figure(size):
-    from matplotlib.figure import Figure
-
     return Figure(figsize=size, dpi=DPI, layout="constrained")
 
 
@@ -101,13 +61,11 @@ def draw_curves(runs):
     and its best test accuracy is given in the legend.
 
     Args:
-        runs: a list of `Run`s.
+        runs: a list of `kernorm.rundir.Run`s.
 
     Returns:
         A `Figure` of `CURVES_SIZE` inches.
     """
-    from matplotlib.lines import Line2D
-
     fig = _figure(CURVES_SIZE)
     axes = fig.subplots(2, 2, sharex=True)
     handles = []
@@ -144,8 +102,6 @@ def _epoch_ticks(last):
 
 def predict_probs(model, images):
     """Class probabilities of `model` (which outputs logits) for uint8 images `(N, 28, 28)` → `(N, 10)`."""
-    import keras
-
     logits = model.predict(images[..., None].astype("float32"), batch_size=1000, verbose=0)
     return keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
 
@@ -221,8 +177,6 @@ def draw_confusion(matrix, title="Confusion matrix"):
     Returns:
         A `Figure` of `CONFUSION_SIZE` inches.
     """
-    from matplotlib.colors import LogNorm
-
     classes = len(matrix)
     fig = _figure(CONFUSION_SIZE)
     ax = fig.subplots()

@@ -8,12 +8,14 @@ results table) is written from the run folders at the end.
 """
 
 import dataclasses
-import json
 import os
 
-from kernorm.errors import KernormError
+from kernorm import reports
+from kernorm.data import load_mnist
 from kernorm.files import write_json, write_text
-from kernorm.train import TrainConfig, train
+from kernorm.models import load_model
+from kernorm.rundir import load_run, why_not_reusable
+from kernorm.train import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,49 +44,6 @@ EXPERIMENTS = (
 )
 GALLERY_COUNT = 20
 CONFIG_FILE = "reproduce.json"
-# Fields that say where things are, not what was trained: a moved report or data folder stays reusable.
-LOCATION_FIELDS = ("out", "data_dir")
-
-
-@dataclasses.dataclass
-class ReproduceConfig:
-    """`kernorm reproduce`'s configuration; saved as `reproduce.json` in the report folder.
-
-    The training set-up is the study's (`TrainConfig`'s defaults: SGD lr 0.01,
-    momentum 0.9, batch 128, seed 1), with op determinism on so that a
-    reproduction repeats exactly.
-    """
-
-    epochs: int = 25
-    out: str = os.path.join("reports", "study")
-    data_dir: str | None = None
-    limit: int | None = None
-
-    def train_config(self, experiment):
-        """The `TrainConfig` of one experiment, its run folder inside `out`."""
-        return TrainConfig(norm=experiment.norm, l1=experiment.l1, l2=experiment.l2, epochs=self.epochs,
-                           data_dir=self.data_dir, limit=self.limit, deterministic=True,
-                           out=os.path.join(self.out, "runs", experiment.name))
-
-
-def why_not_reusable(config):
-    """None when `config.run_dir` holds the finished run of `config`; otherwise the reason, in words."""
-    run_dir = config.run_dir
-    try:
-        with open(os.path.join(run_dir, "metrics.json")) as f:
-            metrics = json.load(f)
-        saved = TrainConfig.load(os.path.join(run_dir, "config.json"))
-    except (OSError, ValueError, KernormError):  # missing, half-written or foreign: train it (again)
-        return "no finished run there"
-    if metrics.get("interrupted") or metrics.get("epochs_completed") != config.epochs:
-        return f"it stopped after {metrics.get('epochs_completed')} of {config.epochs} epochs"
-    differs = [field.name for field in dataclasses.fields(TrainConfig)
-               if field.name not in LOCATION_FIELDS and getattr(saved, field.name) != getattr(config, field.name)]
-    if differs:
-        return f"it was trained with a different {', '.join(differs)}"
-    if not os.path.isfile(os.path.join(run_dir, "model.keras")):
-        return "its model.keras is missing"
-    return None
 
 
 def reproduce(config, verbose=True):
@@ -96,7 +55,7 @@ def reproduce(config, verbose=True):
     Ctrl-C during training keeps the finished epochs and raises KeyboardInterrupt.
 
     Args:
-        config: a `ReproduceConfig`.
+        config: a `kernorm.config.ReproduceConfig`.
         verbose: print what is trained or reused, and training progress.
 
     Returns:
@@ -119,16 +78,12 @@ def reproduce(config, verbose=True):
 
 def write_report(config):
     """Writes the figures and results of the experiments' run folders into `config.out`; returns the rows."""
-    from kernorm import reports
-    from kernorm.data import load_mnist
-    from kernorm.models import load_model
-
-    runs = [reports.load_run(config.train_config(e).run_dir) for e in EXPERIMENTS]
+    runs = [load_run(config.train_config(e).run_dir) for e in EXPERIMENTS]
     _, (x_test, y_test) = load_mnist(config.data_dir)
     reports.save_figure(reports.draw_curves(runs), os.path.join(config.out, "curves.png"))
     rows = []
     for experiment, run in zip(EXPERIMENTS, runs):
-        probs = reports.predict_probs(load_model(os.path.join(run.path, "model.keras")), x_test)
+        probs = reports.predict_probs(load_model(run.model_file), x_test)
         title = f"{run.label}, after epoch {run.metrics['epochs_completed']}"
         reports.save_figure(reports.draw_gallery(x_test, y_test, probs, GALLERY_COUNT, title=title),
                             os.path.join(config.out, f"misclassified-{experiment.norm}.png"))
@@ -145,8 +100,6 @@ def write_report(config):
 
 def results_page(config, rows):
     """`results.md`: the findings table with the study's figures beside ours, and what the report holds."""
-    from kernorm.reports import results_markdown
-
     data = f"the first {config.limit:,} training images" if config.limit else "all 60,000 training images"
     galleries = ", ".join(f"[{e.norm}](misclassified-{e.norm}.png)" for e in EXPERIMENTS)
     confusions = ", ".join(f"[{e.norm}](confusion-{e.norm}.png)" for e in EXPERIMENTS)
@@ -159,7 +112,7 @@ def results_page(config, rows):
         "picked on the test set as the study did. The study's figures: its README's run, and its notebook's",
         "last run.",
         "",
-        results_markdown(rows),
+        reports.results_markdown(rows),
         "![Learning curves](curves.png)",
         "",
         f"Misclassified test images (model after the last epoch): {galleries}. Confusion matrices: {confusions}.",

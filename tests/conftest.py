@@ -50,7 +50,8 @@ def exported(tmp_path_factory, data_dir):
 
     import kernorm.export
     from kernorm.cli import main
-    from kernorm.train import TrainConfig, train
+    from kernorm.config import TrainConfig
+    from kernorm.train import train
 
     run_dir = str(tmp_path_factory.mktemp("export") / "ln")
     train(TrainConfig(norm="ln", epochs=1, limit=12000, data_dir=data_dir, out=run_dir), verbose=False)

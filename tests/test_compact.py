@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from kernorm.cli import main
 from kernorm.data import make_dataset
 from kernorm.models import build_model, count_trainable, load_model
-from kernorm.train import PRESETS, WARMUP_DIVISOR, TrainConfig, learning_rate
+from kernorm.config import PRESETS, TrainConfig
+from kernorm.steps import WARMUP_DIVISOR, learning_rate
 
 
 NORM_KINDS = {"bn": "BatchNorm", "ln": "LayerNorm", "gn": "GroupNorm"}
@@ -127,8 +128,15 @@ def test_exported_compact_model_has_no_image_transform(compact_run):
 def test_unknown_architecture_is_one_clear_line(tmp_path, data_dir):
     result = CliRunner().invoke(main, ["train", "--architecture", "huge", "--limit", "64", "--data-dir", data_dir,
                                        "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "Invalid value for '--architecture': 'huge' is not one of 'study', 'compact'." in result.output
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"architecture": "huge"}))
+    result = CliRunner().invoke(main, ["train", "--config", str(config), "--limit", "64", "--data-dir", data_dir,
+                                       "--out", str(tmp_path / "r")])
     assert result.exit_code == 1
     assert result.output.strip() == "Error: unknown architecture 'huge'; choose one of study, compact"
+    assert not (tmp_path / "r").exists()
 
 
 def test_preset_and_config_together_are_refused(compact_run, data_dir):

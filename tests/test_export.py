@@ -9,7 +9,7 @@ from click.testing import CliRunner
 import kernorm.export
 from kernorm.cli import main
 from kernorm.errors import KernormError
-from kernorm.export import QUANTIZATIONS, ExportConfig
+from kernorm.config import QUANTIZATIONS, ExportConfig
 
 
 def read_report(export_dir):

@@ -88,7 +88,7 @@ def test_dropout_all_puts_one_after_every_layer():
 
 
 def test_bad_dropout_layers():
-    with pytest.raises(KernormError, match="dropout_layers"):
+    with pytest.raises(KernormError, match="unknown dropout placement .first.; choose one of last, all"):
         conv_block([10], dropout=0.1, dropout_layers="first")
 
 

@@ -6,7 +6,8 @@ import keras
 import numpy as np
 
 from kernorm.models import build_model, dtype_policy, load_model
-from kernorm.train import TrainConfig, train
+from kernorm.config import TrainConfig
+from kernorm.train import train
 
 
 def policies(model):

@@ -10,6 +10,7 @@ from PIL import Image
 from kernorm import reports
 from kernorm.cli import main
 from kernorm.errors import KernormError
+from kernorm.rundir import load_run
 
 
 def controlled_probs(labels, wrong):
@@ -97,7 +98,7 @@ def test_plot_and_compare_commands_on_run_folders(tiny_study, tmp_path):
 
 
 def test_curves_mark_each_run_s_best_test_epoch(tiny_study):
-    run = reports.load_run(os.path.join(tiny_study[0], "runs", "ln-l2"))
+    run = load_run(os.path.join(tiny_study[0], "runs", "ln-l2"))
     fig = reports.draw_curves([run, run])
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     best = f"best test {100 * run.metrics['best_test_acc']:.2f} % (epoch {run.metrics['best_epoch']})"
@@ -120,4 +121,4 @@ def test_user_errors_end_in_one_line(tiny_study, tmp_path):
     half.mkdir()
     shutil.copy(os.path.join(run, "config.json"), half)
     with pytest.raises(KernormError, match="no history.csv"):
-        reports.load_run(str(half))
+        load_run(str(half))

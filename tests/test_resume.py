@@ -17,7 +17,8 @@ import kernorm.backup
 from kernorm.cli import main
 from kernorm.errors import KernormError
 from kernorm.models import load_model
-from kernorm.train import TrainConfig, train
+from kernorm.config import TrainConfig
+from kernorm.train import train
 
 TIMEOUT = 480  # seconds; generous for a machine shared with other TensorFlow jobs
 COMPARED = ["train_loss", "train_acc", "test_loss", "test_acc", "lr"]

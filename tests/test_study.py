@@ -7,8 +7,10 @@ import pytest
 from PIL import Image
 
 from kernorm import study
-from kernorm.study import EXPERIMENTS, ReproduceConfig, reproduce, why_not_reusable
-from kernorm.train import TrainConfig, train
+from kernorm.config import ReproduceConfig, TrainConfig
+from kernorm.rundir import why_not_reusable
+from kernorm.study import EXPERIMENTS, reproduce
+from kernorm.train import train
 
 FIGURES = {"curves.png": (1200, 800),
            **{f"misclassified-{n}.png": (1000, 980) for n in ("bn", "ln", "gn")},

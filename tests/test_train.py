@@ -6,7 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from kernorm.cli import main
-from kernorm.train import TrainConfig, train
+from kernorm.config import TrainConfig
+from kernorm.train import train
 
 
 def read_history(run_dir):
@@ -120,9 +121,9 @@ def test_deterministic_runs_repeat_exactly(tmp_path, data_dir):
 
 
 def test_interrupt_keeps_finished_epochs(tmp_path, data_dir, monkeypatch):
-    import kernorm.train as training
+    from kernorm import rundir
 
-    real_save, calls = training._save_epoch, []
+    real_save, calls = rundir.write_epoch, []
 
     def save_then_interrupt(*args):
         real_save(*args)
@@ -130,7 +131,7 @@ def test_interrupt_keeps_finished_epochs(tmp_path, data_dir, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "_save_epoch", save_then_interrupt)
+    monkeypatch.setattr(rundir, "write_epoch", save_then_interrupt)
     config = TrainConfig(epochs=5, limit=256, data_dir=data_dir, out=str(tmp_path / "r"))
     metrics = train(config, verbose=False)
     assert metrics["interrupted"] and metrics["epochs_completed"] == 2

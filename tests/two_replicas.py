@@ -19,7 +19,9 @@ import tensorflow as tf
 from kernorm.data import load_mnist, make_dataset
 from kernorm.distribution import choose_strategy, make_strategy
 from kernorm.models import build_model
-from kernorm.train import TrainConfig, make_steps, train
+from kernorm.config import TrainConfig
+from kernorm.steps import make_steps
+from kernorm.train import train
 
 BATCH = 64
 out_dir = sys.argv[1]

@@ -1,0 +1,178 @@
+"""The run folder that `kernorm train` writes: its files, and when it is resumed, reused or replaced.
+
+A run folder holds `config.json` (the `TrainConfig`), and after every epoch
+`history.csv` (one row per epoch), `metrics.json` (see `summarize`) and
+`model.keras` (the weights after that epoch, float32), each written whole or
+not at all; `backup/` while the run is unfinished; `tensorboard/` if asked
+for. Two configurations train the same run when their
+`TrainConfig.identity()` is equal: that one definition decides both resuming
+and reusing a finished run.
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import shutil
+
+from kernorm.backup import has_backup
+from kernorm.config import TrainConfig
+from kernorm.errors import KernormError
+from kernorm.files import atomic_path, write_json, write_text
+
+CONFIG = "config.json"
+HISTORY = "history.csv"
+METRICS = "metrics.json"
+MODEL = "model.keras"
+TENSORBOARD = "tensorboard"
+HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
+
+
+def _holds_files(folder):
+    return os.path.isdir(folder) and bool(os.listdir(folder))
+
+
+def _changed_fields(saved, config):
+    """The names of the fields in which `config` trains another run than `saved`."""
+    before = saved.identity()
+    return [key for key, value in config.identity().items() if before[key] != value]
+
+
+def check_run_dir(config, overwrite):
+    """Decides whether `config` starts afresh or resumes an unfinished run; changes nothing.
+
+    A run folder that holds files is resumed when its `config.json` trains the
+    same run as `config` and its backup folder holds a backup (the run has not
+    finished); otherwise it is replaced only with `overwrite`.
+
+    Returns:
+        True to resume, False to start afresh (with `start_run_dir`).
+    """
+    run_dir, backup_dir = config.run_dir, config.backup_path
+    saved = os.path.join(run_dir, CONFIG)
+    backed_up = has_backup(backup_dir)
+    if overwrite:
+        if _holds_files(run_dir) and not os.path.exists(saved):
+            raise KernormError(f"{run_dir} is not a kernorm run folder (no {CONFIG}); refusing to overwrite it")
+        if _holds_files(backup_dir) and not backed_up:
+            raise KernormError(f"{backup_dir} holds files but no kernorm backup; refusing to overwrite it, "
+                               f"choose another --backup-dir")
+        return False
+    if backed_up and os.path.isfile(saved):
+        changed = _changed_fields(TrainConfig.load(saved), config)
+        if not changed:
+            return True
+        raise KernormError(f"run folder {run_dir} holds an unfinished run with other settings "
+                           f"({', '.join(changed)}); resume it with --config {saved}, or pass --overwrite")
+    if _holds_files(run_dir):
+        raise KernormError(f"run folder {run_dir} already exists; pass --overwrite or choose another --out")
+    if _holds_files(backup_dir):
+        raise KernormError(f"backup folder {backup_dir} is not empty; remove it or choose another --backup-dir")
+    return False
+
+
+def start_run_dir(config):
+    """Empties the run and backup folders that `check_run_dir` let go, and writes `config.json`."""
+    for folder in (config.run_dir, config.backup_path):
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+    os.makedirs(config.run_dir, exist_ok=True)
+    config.save(os.path.join(config.run_dir, CONFIG))
+
+
+def summarize(history, params, wall_time, interrupted):
+    """The run's `metrics.json`: final and best test accuracy, best epoch, and wall time."""
+    best = max(history, key=lambda row: row["test_acc"]) if history else None
+    return {
+        "params": params,
+        "epochs_completed": len(history),
+        "final_test_acc": history[-1]["test_acc"] if history else None,
+        "best_test_acc": best["test_acc"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "best_train_acc": max(row["train_acc"] for row in history) if history else None,
+        "seconds_per_epoch": sum(r["seconds"] for r in history) / len(history) if history else None,
+        "wall_time": wall_time,
+        "interrupted": interrupted,
+    }
+
+
+def write_metrics(folder, metrics):
+    write_json(os.path.join(folder, METRICS), metrics)
+
+
+def write_epoch(folder, history, metrics, model):
+    """Writes a finished epoch: `history.csv`, `metrics.json` and the Keras `model`."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(os.path.join(folder, HISTORY), buf.getvalue())
+    write_metrics(folder, metrics)
+    with atomic_path(os.path.join(folder, MODEL)) as tmp:
+        model.save(tmp)
+
+
+def read_history(folder):
+    """The rows of a run folder's `history.csv`: `epoch` an int, every other column a float."""
+    with open(os.path.join(folder, HISTORY)) as f:
+        return [{key: (int(v) if key == "epoch" else float(v)) for key, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+@dataclasses.dataclass
+class Run:
+    """A run folder as written by `kernorm.train.train`."""
+
+    path: str
+    config: TrainConfig
+    history: list
+    metrics: dict
+
+    @property
+    def model_file(self):
+        return os.path.join(self.path, MODEL)
+
+    @property
+    def label(self):
+        """The study's way of naming an experiment: "BN + L1 + L2", "LN + L2", "GN + L1"."""
+        norm = self.config.norm
+        penalties = [name for name, v in (("L1", self.config.l1), ("L2", self.config.l2)) if v]
+        return " + ".join(["no norm" if norm in (None, "none") else norm.upper()] + penalties)
+
+
+def load_run(path):
+    """Reads a run folder's `config.json`, `history.csv` and `metrics.json` into a `Run`."""
+    for name in (CONFIG, HISTORY, METRICS):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise KernormError(f"{path} is not a finished kernorm run folder (no {name}); "
+                               f"pass a folder written by kernorm train")
+    config = TrainConfig.load(os.path.join(path, CONFIG))
+    try:
+        history = read_history(path)
+        with open(os.path.join(path, METRICS)) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError, TypeError) as e:
+        raise KernormError(f"{path}: unreadable {HISTORY} or {METRICS} ({e}); train the run again") from None
+    if not history:
+        raise KernormError(f"{path}: no finished epoch in {HISTORY}; train the run again")
+    return Run(path, config, history, metrics)
+
+
+def why_not_reusable(config):
+    """None when `config.run_dir` holds the finished run of `config`; otherwise the reason, in words."""
+    run_dir = config.run_dir
+    try:
+        with open(os.path.join(run_dir, METRICS)) as f:
+            metrics = json.load(f)
+        saved = TrainConfig.load(os.path.join(run_dir, CONFIG))
+    except (OSError, ValueError, KernormError):  # missing, half-written or foreign: train it (again)
+        return "no finished run there"
+    if metrics.get("interrupted") or metrics.get("epochs_completed") != config.epochs:
+        return f"it stopped after {metrics.get('epochs_completed')} of {config.epochs} epochs"
+    changed = _changed_fields(saved, config)
+    if changed:
+        return f"it was trained with a different {', '.join(changed)}"
+    if not os.path.isfile(os.path.join(run_dir, MODEL)):
+        return f"its {MODEL} is missing"
+    return None
