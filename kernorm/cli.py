@@ -6,9 +6,21 @@ import os
 import click
 from click.core import ParameterSource
 
-from kernorm.config import (ARCHITECTURES, DEFAULT_GROUPS, DROPOUT_LAYERS, NORMS, PRECISIONS, PRESETS,
-                            QUANTIZATIONS, SCHEDULES, STRATEGIES, ExportConfig, ReproduceConfig, TrainConfig,
-                            describe_preset)
+from kernorm.config import (
+    ARCHITECTURES,
+    DEFAULT_GROUPS,
+    DROPOUT_LAYERS,
+    NORMS,
+    PRECISIONS,
+    PRESETS,
+    QUANTIZATIONS,
+    SCHEDULES,
+    STRATEGIES,
+    ExportConfig,
+    ReproduceConfig,
+    TrainConfig,
+    describe_preset,
+)
 from kernorm.errors import KernormError
 
 # Quiet TensorFlow's C++ start-up banner before anything imports it.

@@ -2,7 +2,7 @@
 
 The ops compute `kernorm.norms.normalize_groups` and its gradient on a CPU in
 two passes over the feature map each, faster than the XLA-compiled fallback
-(README, "Training speed"). They are built once per source, TensorFlow
+(docs/benchmarks.md measures both). They are built once per source, TensorFlow
 version and machine with the C++ compiler TensorFlow's headers are made for
 (`CXX`, default `g++`) into `$XDG_CACHE_HOME/kernorm` (default
 `~/.cache/kernorm`). Without a compiler, on a failed build, or with a GPU

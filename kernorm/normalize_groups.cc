@@ -6,7 +6,7 @@
 // Each makes two passes over the feature map, split over TensorFlow's CPU
 // threads: the per-channel sums, then the output. Keras's layers and XLA take
 // four to six; in the study's network that is most of a training step's norm
-// time (README, "Training speed"). With relu=true both take x before the ReLU
+// time (docs/benchmarks.md). With relu=true both take x before the ReLU
 // that precedes the norm in kernorm's layers and apply it on the way, which
 // saves the ReLU's own passes.
 //

@@ -102,7 +102,7 @@ class TFLiteModel:
         if not len(images):
             return np.zeros((0, self.num_classes), np.float32)
         batch_size = batch_size or len(images)
-        if len(images) <= batch_size:  # one call needs no concatenation: 2 µs of a batch-1 call
+        if len(images) <= batch_size:  # one call needs no concatenation, which a batch-1 loop would pay for
             return self._invoke(images)
         return np.concatenate([self._invoke(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
@@ -117,7 +117,7 @@ class TFLiteModel:
             if self.image_shape[-1] == 1:
                 shapes += " or (N, " + ", ".join(map(str, self.image_shape[:-1])) + ")"
             raise KernormError(f"{self.name}: images have shape {given.shape}; the model takes {shapes}")
-        # uint8 holds 0–255 by its type; the min and max would cost 2.5 µs of a batch-1 call.
+        # uint8 holds 0–255 by its type: no min and max to pay for on every batch-1 call.
         if images.size and images.dtype != np.uint8 and not (
                 (images.dtype.kind != "f" or np.isfinite(images).all())
                 and PIXEL_RANGE[0] <= images.min() and images.max() <= PIXEL_RANGE[1]):
