@@ -3,10 +3,15 @@
 Each run is `kernorm train --preset compact --norm NORM --seed SEED` (through
 `kernorm.train.train`), in OUT/<norm>-seed<seed>; a finished run of the same
 configuration already there is reused. Each final model is then exported to
-int8 (`kernorm.export`, calibrated on training images) and checked on the
-10,000 test images with the LiteRT runtime, accepting a drop of at most 0.1 points.
+int8 (`kernorm.export.export`, calibrated on training images) and checked on
+the test images with the LiteRT runtime, accepting a drop of at most
+`INT8_MAX_DROP` points.
 
     python benchmarks/accuracy.py [--data-dir DIR] [--out runs/accuracy] [--norms bn,ln,gn] [--seeds 1,2,3]
+
+`--epochs` and `--limit` shrink the runs for a quick check (their figures are
+not the preset's); `--data-dir` defaults to `KERNORM_DATA_DIR`, else Keras's
+download.
 
 Prints per norm the final-epoch test accuracy of every seed and their median,
 the int8 accuracy of every seed and its largest drop, and a last line
@@ -21,20 +26,13 @@ import os
 import statistics
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from kernorm.config import NORMS, PRESETS, ExportConfig
+from kernorm.errors import KernormError, check_choice
+from kernorm.export import export
+from kernorm.rundir import load_run, why_not_reusable
+from kernorm.train import train
 
-from kernorm.errors import KernormError  # noqa: E402
-from kernorm.export import ExportConfig, export  # noqa: E402
-from kernorm.study import why_not_reusable  # noqa: E402
-from kernorm.train import PRESETS, train  # noqa: E402
-
-INT8_MAX_DROP = 0.1
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+INT8_MAX_DROP = 0.1  # points
 
 
 def final_accuracy(config):
@@ -44,7 +42,7 @@ def final_accuracy(config):
           flush=True)
     if reason and train(config, overwrite=True, verbose=False)["interrupted"]:
         raise KeyboardInterrupt
-    return read_json(os.path.join(config.run_dir, "metrics.json"))["final_test_acc"]
+    return load_run(config.run_dir).metrics["final_test_acc"]
 
 
 def int8_accuracy(run_dir, data_dir):
@@ -54,32 +52,48 @@ def int8_accuracy(run_dir, data_dir):
         export(config, overwrite=True, verbose=False)
     except KernormError:  # a drop beyond INT8_MAX_DROP: export.json holds the figures all the same
         pass
-    figures = read_json(os.path.join(config.out_dir, "export.json"))["models"]["int8"]
+    with open(os.path.join(config.out_dir, "export.json")) as f:
+        figures = json.load(f)["models"]["int8"]
     return figures["tflite_acc"], figures["drop_points"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR",
-                                                             os.path.join(REPO, "..", "shared", "data", "mnist")))
-    parser.add_argument("--out", default=os.path.join("runs", "accuracy"))
-    parser.add_argument("--norms", default="bn,ln,gn")
-    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR"),
+                        help="folder with the four MNIST IDX files (default: $KERNORM_DATA_DIR, else Keras's download)")
+    parser.add_argument("--out", default=os.path.join("runs", "accuracy"), help="folder of the run folders")
+    parser.add_argument("--norms", default="bn,ln,gn", help="comma-separated norms")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
+    parser.add_argument("--epochs", type=int, default=PRESETS["compact"].epochs, help="epochs per run")
+    parser.add_argument("--limit", type=int, default=None, help="train on the first N images only")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    rows = []
-    for norm in args.norms.split(","):
-        finals, int8 = [], []
-        for seed in seeds:
-            config = dataclasses.replace(PRESETS["compact"], norm=norm, seed=seed, data_dir=args.data_dir,
-                                         out=os.path.join(args.out, f"{norm}-seed{seed}"))
-            finals.append(final_accuracy(config))
-            int8.append(int8_accuracy(config.run_dir, args.data_dir))
-        rows.append((norm, finals, int8))
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 1,2,3")
+    if args.epochs < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--epochs and --limit must be at least 1")
+    norms = args.norms.split(",")
+    try:
+        for norm in norms:
+            check_choice("norm", norm, NORMS)
+        rows = []
+        for norm in norms:
+            finals, int8 = [], []
+            for seed in seeds:
+                config = dataclasses.replace(PRESETS["compact"], norm=norm, seed=seed, epochs=args.epochs,
+                                             limit=args.limit, data_dir=args.data_dir,
+                                             out=os.path.join(args.out, f"{norm}-seed{seed}"))
+                finals.append(final_accuracy(config))
+                int8.append(int8_accuracy(config.run_dir, args.data_dir))
+            rows.append((norm, finals, int8))
+    except KernormError as e:
+        sys.exit(f"Error: {e}")
 
-    epochs = PRESETS["compact"].epochs
-    print(f"\ncompact preset, {epochs} epochs, final-epoch test accuracy (%), seeds {args.seeds}")
-    print(f"| norm | {' | '.join(f'seed {s}' for s in seeds)} | median | int8 (LiteRT) by seed | largest int8 drop (pt) |")
+    limit = f", first {args.limit} training images" if args.limit else ""
+    print(f"\ncompact preset, {args.epochs} epochs{limit}, final-epoch test accuracy (%), seeds {args.seeds}")
+    print(f"| norm | {' | '.join(f'seed {s}' for s in seeds)} | median "
+          "| int8 (LiteRT) by seed | largest int8 drop (pt) |")
     print("|---" * (len(seeds) + 4) + "|")
     for norm, finals, int8 in rows:
         print(f"| {norm} | " + " | ".join(f"{100 * a:.2f}" for a in finals)

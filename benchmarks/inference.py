@@ -1,20 +1,21 @@
 """Inference benchmark: TFLite exports of trained runs, and Keras against LiteRT.
 
 For each run folder it exports all four quantizations (into a temporary
-folder, through `kernorm.export`, so the figures are the ones `kernorm export`
-reports), then prints Markdown tables:
+folder, through `kernorm.export.export`, so the figures are the ones
+`kernorm export` reports), then prints Markdown tables:
 
-1. the export targets: int8 accuracy within 0.1 points of Keras, int8 file
-   smaller than float32, int8 batch-1 latency no worse than float32's;
+1. the export targets: int8 accuracy within `TARGET_DROP` points of Keras,
+   int8 file smaller than float32, int8 batch-1 latency no worse than
+   float32's;
 2. every quantization: accuracy, agreement with Keras, size, latency, the op
    count of the converted graph, its DEQUANTIZE ops (in int8: float islands)
    and the pieces XNNPACK runs it in;
 3. speed: Keras `predict` and `predict_on_batch`, and LiteRT float32 and int8 at
-   batch 1 and batch 256, in images/s and µs per image.
+   batch 1 and batch `BIG_BATCH`, in images/s and µs per image.
 
 Timings are the best of `--rounds` interleaved rounds, to damp the noise of a
-shared machine. Usage, from the repository root with kernorm installed
-(`pip install -e .`):
+shared machine. RUN is a run folder of `kernorm train`; `--data-dir` defaults
+to `KERNORM_DATA_DIR`, else Keras's download.
 
     python benchmarks/inference.py RUN [RUN ...] [--data-dir DIR] [--rounds 3]
 """
@@ -28,14 +29,16 @@ import tempfile
 
 import numpy as np
 
+from kernorm.config import ExportConfig
 from kernorm.data import load_mnist
 from kernorm.errors import KernormError
-from kernorm.export import ExportConfig, export, latencies_us, throughput
+from kernorm.export import LATENCY_IMAGES, THROUGHPUT_BATCH, export, latencies_us, throughput
 from kernorm.models import load_model
+from kernorm.rundir import load_run
 from kernorm.runtime import load_tflite
 
 TARGET_DROP = 0.1  # points
-BATCH_1_IMAGES = {"keras": 100, "litert": 2000}  # Keras predict costs milliseconds per call
+BATCH_1_IMAGES = {"keras": 100, "litert": 2000}  # fewer for Keras, whose predict is slow per call
 BIG_BATCH = 256
 
 
@@ -48,17 +51,18 @@ def graph_stats(path):
     """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    def ops(resolver):
+    def op_counts(resolver):
         interpreter = Interpreter(model_path=path, experimental_op_resolver_type=resolver)
         interpreter.allocate_tensors()
         return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
 
-    return ops(OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES), ops(OpResolverType.AUTO)["DELEGATE"]
+    return (op_counts(OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
+            op_counts(OpResolverType.AUTO)["DELEGATE"])
 
 
-def speed(run_dir, export_dir, x_test, rounds):
+def speed(model_file, export_dir, x_test, rounds):
     """µs per image at batch 1 (median) and at BIG_BATCH, best over interleaved rounds, per engine."""
-    keras_model = load_model(os.path.join(run_dir, "model.keras"))
+    keras_model = load_model(model_file)
     images = x_test[..., None]
     floats = images.astype(np.float32)
     engines = {
@@ -79,27 +83,24 @@ def speed(run_dir, export_dir, x_test, rounds):
     return best
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="run folders of kernorm train")
-    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR"))
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before kernorm first imports TensorFlow
-    (_, _), (x_test, _) = load_mnist(args.data_dir)
-
+def measure(runs, data_dir, rounds):
+    """The rows of the three tables (targets, every quantization, speed) for the run folders `runs`."""
+    runs = [load_run(run_dir) for run_dir in runs]  # every folder checked before the long work
+    (_, _), (x_test, _) = load_mnist(data_dir)
     targets, models, speeds = [], [], []
-    for run_dir in args.runs:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            norm = json.load(f)["norm"]
+    for run in runs:
+        norm = run.config.norm
         with tempfile.TemporaryDirectory() as tmp:
             export_dir = os.path.join(tmp, "export")
+            report_file = os.path.join(export_dir, "export.json")
             try:
-                export(ExportConfig(model=run_dir, quantize="all", out=export_dir, data_dir=args.data_dir),
+                export(ExportConfig(model=run.path, quantize="all", out=export_dir, data_dir=data_dir),
                        verbose=False)
-            except KernormError as e:  # a failed check still leaves its figures in export.json
-                print(f"{norm}: {e}", file=sys.stderr)
-            with open(os.path.join(export_dir, "export.json")) as f:
+            except KernormError as e:
+                if not os.path.isfile(report_file):
+                    raise
+                print(f"{norm}: {e}", file=sys.stderr)  # a failed check still leaves its figures
+            with open(report_file) as f:
                 report = json.load(f)
             m = report["models"]
             for q, f in m.items():
@@ -110,7 +111,7 @@ def main():
                               f"{f['throughput_ips']:,.0f} | {sum(count.values())} | "
                               f"{count.get('DEQUANTIZE', 0)} | {pieces} |")
             # The target's latency is the speed table's batch-1 median, best of the interleaved rounds.
-            times = speed(run_dir, export_dir, x_test, args.rounds)
+            times = speed(run.model_file, export_dir, x_test, rounds)
         f32, i8 = m["float32"], m["int8"]
         lat32, lat8 = times["LiteRT float32"][0], times["LiteRT int8"][0]
         met = [i8["drop_points"] <= TARGET_DROP, i8["size_bytes"] < f32["size_bytes"], lat8 <= lat32]
@@ -119,14 +120,31 @@ def main():
                        f"{lat32:.0f} | {lat8:.0f} | {' / '.join('yes' if ok else 'NO' for ok in met)} |")
         for name, (one, many) in times.items():
             speeds.append(f"| {norm} | {name} | {1e6 / one:,.0f} | {one:.0f} | {1e6 / many:,.0f} | {many:.1f} |")
+    return targets, models, speeds
 
-    print("\nTargets (int8 drop <= 0.1 pt / int8 smaller than float32 / int8 batch-1 latency <= float32's)\n")
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders of kernorm train")
+    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR"),
+                        help="folder with the four MNIST IDX files (default: $KERNORM_DATA_DIR, else Keras's download)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best counts")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    try:
+        targets, models, speeds = measure(args.runs, args.data_dir, args.rounds)
+    except KernormError as e:
+        sys.exit(f"Error: {e}")
+
+    print(f"\nTargets (int8 drop <= {TARGET_DROP:g} pt / int8 smaller than float32 / "
+          f"int8 batch-1 latency <= float32's)\n")
     print("| norm | Keras acc % | int8 acc % | int8 drop pt | float32 bytes | int8 bytes "
           "| float32 batch-1 µs | int8 batch-1 µs | targets met |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(targets))
-    print("\nEvery quantization, as kernorm export reports it (latency over 1,000 test images, "
-          "throughput at batch 256 over 10,000)\n")
+    print(f"\nEvery quantization, as kernorm export reports it (latency over {LATENCY_IMAGES:,} test images, "
+          f"throughput at batch {THROUGHPUT_BATCH} over all of them)\n")
     print("| norm | model | acc % | drop pt | agree % | KiB | batch-1 p50 µs | p99 µs | img/s | ops "
           "| DEQUANTIZE ops | XNNPACK pieces |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -7,20 +7,24 @@ converts, for each way of writing that op, a small model (conv → x·f(E[x²])
 `kernorm.export.convert`, and prints the op the formulation converted to and
 the pieces LiteRT's default XNNPACK delegate runs the graph in: 1 means the
 delegate took the whole graph; every op it cannot take splits the graph and
-runs in LiteRT's own kernels between pieces. Usage, from the repository root:
+runs in LiteRT's own kernels between pieces. `--data-dir` (training images
+to calibrate the int8 ranges) defaults to `KERNORM_DATA_DIR`, else Keras's
+download.
 
-    PYTHONPATH=. python benchmarks/int8_delegation.py [--data-dir DIR]
+    python benchmarks/int8_delegation.py [--data-dir DIR]
 """
 
 import argparse
+import collections
 import os
+import sys
 import tempfile
 
 import keras
 from keras import layers, ops
 
-from inference import graph_stats  # benchmarks/inference.py
 from kernorm.data import load_mnist
+from kernorm.errors import KernormError
 from kernorm.export import calibration_images, convert
 
 EPSILON = 1e-5
@@ -37,6 +41,25 @@ FORMULATIONS = {
 }
 # Ops every formulation shares; the others are what the formulation converted to.
 COMMON_OPS = {"QUANTIZE", "CONV_2D", "MUL", "MEAN", "ADD", "FULLY_CONNECTED", "RESHAPE"}
+CALIBRATION_IMAGES = 100
+
+
+def graph_stats(path):
+    """Op types of a `.tflite` graph, counted, and the number of pieces XNNPACK runs it in.
+
+    LiteRT lists ops only through a private method. Without the default
+    XNNPACK delegate the listing is the converted graph itself; with it, each
+    piece of the graph the delegate took shows up as one DELEGATE op.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    def op_counts(resolver):
+        interpreter = Interpreter(model_path=path, experimental_op_resolver_type=resolver)
+        interpreter.allocate_tensors()
+        return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+
+    return (op_counts(OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
+            op_counts(OpResolverType.AUTO)["DELEGATE"])
 
 
 def small_model(f):
@@ -50,10 +73,14 @@ def small_model(f):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR"))
+    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR"),
+                        help="folder with the four MNIST IDX files (default: $KERNORM_DATA_DIR, else Keras's download)")
     args = parser.parse_args()
-    (x_train, _), _ = load_mnist(args.data_dir)
-    calibration = calibration_images(x_train, 100)
+    try:
+        (x_train, _), _ = load_mnist(args.data_dir)
+    except KernormError as e:
+        sys.exit(f"Error: {e}")
+    calibration = calibration_images(x_train, CALIBRATION_IMAGES)
     print("| f(v) | op it converts to | DEQUANTIZE ops | XNNPACK pieces |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,18 +1,21 @@
 """Where a training step's time goes: the study's network with and without each norm, and one convolution.
 
-    PYTHONPATH=. python benchmarks/step_time.py [ROUNDS] [STEPS]
-
 Builds the study's network for no norm, bn, ln and gn with kernorm's compiled
-training step (`kernorm.train.make_steps`: default strategy, SGD momentum 0.9,
---l2 5e-6, batch 128, float32), then times ROUNDS chunks (default 5) of STEPS
-steps (default 50) of each, one network after the other. Prints the median
-milliseconds per step and images per second of each, then the time of one 3×3,
-10 → 10 channel convolution at 26×26 (the study's second layer), forward and
-both gradients, in NHWC and in NCHW, and of kernorm's BN on that feature map
-(its C++ ops where they build, else its XLA functions), with the memory
-bandwidth it reaches against a NumPy copy's.
+training step (`kernorm.steps.make_steps`: default strategy, SGD momentum 0.9,
+--l2 5e-6, batch 128, float32), then times `--rounds` chunks (default 5) of
+`--steps` steps (default 50) of each, one network after the other. Prints the
+median milliseconds per step and images per second of each, then the time of
+one 3×3, 10 → 10 channel convolution at 26×26 (the study's second layer),
+forward and both gradients, in NHWC and in NCHW, and of kernorm's BN on that
+feature map (its C++ ops where they build, else its XLA functions), with the
+memory bandwidth it reaches against a NumPy copy's. `--data-dir` defaults to
+`KERNORM_DATA_DIR`, else Keras's download.
+
+    python benchmarks/step_time.py [--rounds 5] [--steps 50] [--data-dir DIR]
 """
 
+import argparse
+import os
 import statistics
 import sys
 import time
@@ -23,9 +26,10 @@ import tensorflow as tf
 
 from kernorm import native
 from kernorm.data import load_mnist, make_dataset
+from kernorm.errors import KernormError
 from kernorm.models import build_model
 from kernorm.norms import normalize_groups
-from kernorm.train import make_steps
+from kernorm.steps import make_steps
 
 BATCH = 128
 CALLS = 50
@@ -35,12 +39,9 @@ FEATURE_MAP = (BATCH, 26, 26, 10)  # the study's second layer
 # dx written).
 NORM_PASSES = 8
 COPY_BYTES = 64 << 20
-rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-steps = int(sys.argv[2]) if len(sys.argv) > 2 else 50
-(x_train, y_train), _ = load_mnist()
 
 
-def step_seconds(norm):
+def step_seconds(norm, x_train, y_train, rounds, steps):
     """Median seconds per training step of the study's network with `norm`, over `rounds` chunks."""
     model = build_model(norm, l2=5e-6)
     optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
@@ -53,12 +54,6 @@ def step_seconds(norm):
         train_steps(iterator, tf.constant(steps))
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times)
-
-
-print(f"{'norm':<6}{'ms/step':>9}{'img/s':>8}")
-for norm in ("none", "bn", "ln", "gn"):
-    step = step_seconds(norm)
-    print(f"{norm:<6}{step * 1000:>9.1f}{BATCH / step:>8,.0f}", flush=True)
 
 
 def ms_per_call(function):
@@ -103,12 +98,35 @@ def copy_gb_per_s():
     return 2 * COPY_BYTES / 1e9 / (ms_per_call(lambda: np.copyto(target, source)) / 1000)
 
 
-for data_format in ("NHWC", "NCHW"):
-    print(f"conv 3x3 10->10 at 26x26, batch {BATCH}, forward + gradients, {data_format}: "
-          f"{conv_ms(data_format):.2f} ms")
-map_bytes = np.prod(FEATURE_MAP) * 4
-bn_ms = norm_ms()
-print(f"kernorm BN ({'C++ ops' if native.ops() else 'XLA'}) forward + gradients on the same map "
-      f"({map_bytes / 1e6:.1f} MB): {bn_ms:.2f} ms, "
-      f"{NORM_PASSES} map reads and writes = {NORM_PASSES * map_bytes / 1e6 / bn_ms:.1f} GB/s; "
-      f"NumPy copy of {COPY_BYTES >> 20} MiB: {copy_gb_per_s():.1f} GB/s (read + write)")
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="timed chunks of each network")
+    parser.add_argument("--steps", type=int, default=50, help="training steps per chunk")
+    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR"),
+                        help="folder with the four MNIST IDX files (default: $KERNORM_DATA_DIR, else Keras's download)")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.steps < 1:
+        parser.error("--rounds and --steps must be at least 1")
+    try:
+        (x_train, y_train), _ = load_mnist(args.data_dir)
+    except KernormError as e:
+        sys.exit(f"Error: {e}")
+
+    print(f"{'norm':<6}{'ms/step':>9}{'img/s':>8}")
+    for norm in ("none", "bn", "ln", "gn"):
+        step = step_seconds(norm, x_train, y_train, args.rounds, args.steps)
+        print(f"{norm:<6}{step * 1000:>9.1f}{BATCH / step:>8,.0f}", flush=True)
+
+    for data_format in ("NHWC", "NCHW"):
+        print(f"conv 3x3 10->10 at 26x26, batch {BATCH}, forward + gradients, {data_format}: "
+              f"{conv_ms(data_format):.2f} ms")
+    map_bytes = np.prod(FEATURE_MAP) * 4
+    bn_ms = norm_ms()
+    print(f"kernorm BN ({'C++ ops' if native.ops() else 'XLA'}) forward + gradients on the same map "
+          f"({map_bytes / 1e6:.1f} MB): {bn_ms:.2f} ms, "
+          f"{NORM_PASSES} map reads and writes = {NORM_PASSES * map_bytes / 1e6 / bn_ms:.1f} GB/s; "
+          f"NumPy copy of {COPY_BYTES >> 20} MiB: {copy_gb_per_s():.1f} GB/s (read + write)")
+
+
+if __name__ == "__main__":
+    main()

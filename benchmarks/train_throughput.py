@@ -4,8 +4,9 @@ For each norm, both run two epochs of full MNIST with the study's set-up
 (batch 128, SGD lr 0.01 momentum 0.9, L2 weight decay 1e-5 = kernorm's
 --l2 5e-6, float32); the first epoch is the warm-up, the second is measured.
 kernorm runs through its real command (`python -m kernorm train`), the peer
-is shared/bench/torch_peer.py beside the repository; each in its own process,
-one after the other.
+is `--peer` (default: shared/bench/torch_peer.py beside the repository, which
+needs PyTorch); each in its own process, one after the other. Both read the
+MNIST IDX files in `--data-dir` (default: `KERNORM_DATA_DIR`).
 
     python benchmarks/train_throughput.py [--data-dir DIR] [--norms bn,ln,gn]
 
@@ -22,15 +23,15 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER = os.path.join(REPO, "..", "shared", "bench", "torch_peer.py")
+PEER = os.path.normpath(os.path.join(REPO, "..", "shared", "bench", "torch_peer.py"))
 TRAIN_IMAGES = 60000
 
 
 def run(command):
     """Runs `command`, returns what it printed; on failure shows its error output and stops."""
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"{done.stderr[-3000:]}\nError: {' '.join(command)} failed (its error output is above)")
     return done.stdout
 
 
@@ -43,27 +44,33 @@ def kernorm_rate(norm, data_dir):
             return TRAIN_IMAGES / float(list(csv.DictReader(f))[1]["seconds"])
 
 
-def peer_rate(norm, data_dir):
-    printed = run([sys.executable, PEER, "--norm", norm, "--epochs", "2", "--data-dir", data_dir])
-    return float(re.findall(r"^epoch \d+ train [\d.]+s \((\d+) img/s\)", printed, re.M)[1])
+def peer_rate(peer, norm, data_dir):
+    printed = run([sys.executable, peer, "--norm", norm, "--epochs", "2", "--data-dir", data_dir])
+    return float(re.findall(r"^epoch \d+ train [\d.]+s \((\d+) img/s\)", printed, re.MULTILINE)[1])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR", os.path.join(REPO, "..", "shared", "data", "mnist")))
-    parser.add_argument("--norms", default="bn,ln,gn")
+    parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR"),
+                        help="folder with the four MNIST IDX files (default: $KERNORM_DATA_DIR)")
+    parser.add_argument("--norms", default="bn,ln,gn", help="comma-separated norms")
+    parser.add_argument("--peer", default=PEER, help="the PyTorch training script (default: %(default)s)")
     args = parser.parse_args()
+    if not args.data_dir:
+        sys.exit("Error: pass --data-dir DIR or set KERNORM_DATA_DIR: the PyTorch peer reads the MNIST IDX files")
+    if not os.path.isdir(args.data_dir):
+        sys.exit(f"Error: data directory {args.data_dir} does not exist; pass --data-dir with the MNIST IDX files")
     try:
         import torch  # noqa: F401  (only to say clearly that the peer cannot run)
     except ImportError:
-        sys.exit("PyTorch is not installed: pip install torch==2.13.0 (the CPU build) to run the peer")
-    if not os.path.isfile(PEER):
-        sys.exit(f"the peer script is missing: expected {os.path.normpath(PEER)}")
+        sys.exit("Error: PyTorch is not installed: pip install torch==2.13.0 (the CPU build) to run the peer")
+    if not os.path.isfile(args.peer):
+        sys.exit(f"Error: the peer script is missing: expected {args.peer}; pass --peer")
 
     print(f"{'norm':<6}{'kernorm img/s':>15}{'PyTorch img/s':>15}{'ratio':>8}")
     ratios = []
     for norm in args.norms.split(","):
-        ours, peer = kernorm_rate(norm, args.data_dir), peer_rate(norm, args.data_dir)
+        ours, peer = kernorm_rate(norm, args.data_dir), peer_rate(args.peer, norm, args.data_dir)
         ratios.append(ours / peer)
         print(f"{norm:<6}{ours:>15,.0f}{peer:>15,.0f}{ours / peer:>8.2f}", flush=True)
     print(f"min_ratio={min(ratios):.2f}")
