@@ -4,6 +4,7 @@ import pathlib
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+pytest.register_assert_rewrite("helpers")  # the shared helpers' asserts explain their failures as tests' do
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,14 +27,14 @@ def mnist(data_dir):
 
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory, data_dir):
-    """`kernorm reproduce` on 512 training images for 2 epochs: (report folder, CLI output)."""
+    """`kernorm reproduce --seeds 2` on 512 training images for 2 epochs: (report folder, CLI output)."""
     from click.testing import CliRunner
 
     from kernorm.cli import main
 
     out = str(tmp_path_factory.mktemp("study") / "report")
-    result = CliRunner().invoke(main, ["reproduce", "--epochs", "2", "--limit", "512", "--data-dir", data_dir,
-                                       "--out", out])
+    result = CliRunner().invoke(main, ["reproduce", "--epochs", "2", "--seeds", "2", "--limit", "512",
+                                       "--data-dir", data_dir, "--out", out])
     assert result.exit_code == 0, result.output
     return out, result.output
 

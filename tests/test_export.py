@@ -1,27 +1,26 @@
 import hashlib
-import json
 import os
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import read_json
 
 import kernorm.export
 from kernorm.cli import main
+from kernorm.config import ExportConfig
 from kernorm.errors import KernormError
-from kernorm.config import QUANTIZATIONS, ExportConfig
+
+# What `--quantize all` writes: the four kinds the README documents.
+ALL_QUANTIZATIONS = ["float32", "float16", "dynamic", "int8"]
 
 
-def read_report(export_dir):
-    with open(os.path.join(export_dir, "export.json")) as f:
-        return json.load(f)
-
-
+@pytest.mark.slow
 def test_export_writes_every_checked_model_and_its_report(exported, mnist):
     export_dir = exported["export_dir"]
     assert sorted(os.listdir(export_dir)) == sorted(
-        ["config.json", "export.json"] + [f"model_{q}.tflite" for q in QUANTIZATIONS])
-    report = read_report(export_dir)
+        ["config.json", "export.json"] + [f"model_{q}.tflite" for q in ALL_QUANTIZATIONS])
+    report = read_json(export_dir, "export.json")
     (_, _), (_, y_test) = mnist
     assert report["passed"] is True and report["test_images"] == len(y_test) == 10000
     assert report["calibration_images"] == 500 and report["max_drop"] == 0.3
@@ -36,14 +35,14 @@ def test_export_writes_every_checked_model_and_its_report(exported, mnist):
         assert 0 < figures["latency_us_p50"] <= figures["latency_us_p99"] and figures["throughput_ips"] > 0
         assert f"{quantize:8s} acc" in exported["output"]
     assert "all checks passed" in exported["output"]
-    with open(os.path.join(export_dir, "config.json")) as f:
-        config = ExportConfig(**json.load(f))
+    config = ExportConfig(**read_json(export_dir, "config.json"))
     assert (config.model, config.quantize, config.max_drop, config.calibration) == (
         exported["run_dir"], "all", 0.3, 500)
 
 
+@pytest.mark.slow
 def test_int8_model_has_uint8_raw_pixel_input_and_is_smaller(exported):
-    models = read_report(exported["export_dir"])["models"]
+    models = read_json(exported["export_dir"], "export.json")["models"]
     assert models["float32"]["input"] == {"dtype": "float32", "quantization": [0.0, 0]}
     assert models["float32"]["output"]["dtype"] == "float32"
     # Calibration saw pixels 0 and 255, so the uint8 input holds raw pixels unchanged.
@@ -54,6 +53,7 @@ def test_int8_model_has_uint8_raw_pixel_input_and_is_smaller(exported):
     assert models["float16"]["size_bytes"] < models["float32"]["size_bytes"]
 
 
+@pytest.mark.slow
 def test_calibration_draws_from_the_training_set(exported, mnist):
     (x_train, _), (x_test, _) = mnist
     [(source, count, images)] = exported["calibration_calls"]  # one draw, for int8 only
@@ -72,6 +72,7 @@ def test_calibration_sampler_rejects_impossible_counts(mnist):
         kernorm.export.calibration_images(x_train, 60001)
 
 
+@pytest.mark.slow
 def test_failed_check_exits_nonzero_and_writes_no_model(exported, tmp_path, data_dir, monkeypatch):
     """A conversion that really loses accuracy (it converts an untrained network) must be caught."""
     from kernorm.models import build_model
@@ -87,12 +88,13 @@ def test_failed_check_exits_nonzero_and_writes_no_model(exported, tmp_path, data
     assert last.startswith("Error: accuracy check failed: float32 dropped ") and "--max-drop 0.3" in last
     assert "Traceback" not in result.output
     assert sorted(os.listdir(out)) == ["config.json", "export.json"]
-    report = read_report(out)
+    report = read_json(out, "export.json")
     assert report["passed"] is False
     assert report["models"]["float32"]["passed"] is False and report["models"]["float32"]["file"] is None
     assert report["models"]["float32"]["drop_points"] > 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--quantize", "int4"], "Invalid value for '--quantize'"),
     (["--max-drop", "-1"], "Invalid value for '--max-drop'"),
@@ -106,6 +108,7 @@ def test_bad_export_options_give_one_clear_line(exported, tmp_path, data_dir, ar
     assert "Traceback" not in result.output and not out.exists()
 
 
+@pytest.mark.slow
 def test_export_of_a_missing_model_or_into_an_existing_folder(exported, tmp_path, data_dir):
     result = CliRunner().invoke(main, ["export", str(tmp_path / "nowhere"), "--data-dir", data_dir])
     assert result.exit_code == 1 and "nowhere not found; pass a run folder or a .keras file" in result.output

@@ -4,8 +4,8 @@ import pytest
 
 from kernorm.errors import KernormError
 from kernorm.layers import conv_block, conv_layer, trans_block
-from kernorm.norms import NORMS, create_norm_layer
 from kernorm.models import build_model
+from kernorm.norms import NORMS, create_norm_layer
 
 
 def kinds(stack):

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from kernorm.models import MNIST_MEAN, MNIST_STD, build_model, count_trainable
+from kernorm.models import build_model, count_trainable
 
 
 @pytest.mark.parametrize("norm, params", [(None, 4600), ("none", 4600), ("bn", 4700), ("ln", 4700), ("gn", 4700)])
@@ -11,7 +11,7 @@ def test_trainable_parameters(norm, params):
 
 
 def test_layer_output_shapes_follow_the_study():
-    """NOTES.md's table (C×H×W there, H×W×C here), and each conv's parameters."""
+    """The README's table of the study's network (its outputs are H×W×C), and each conv's parameters."""
     model = build_model("bn")
     x = keras.ops.zeros((1, 28, 28, 1))
     shapes, conv_params = [], []
@@ -33,6 +33,6 @@ def test_model_normalises_raw_pixels_inside():
     normalize = model.get_layer("normalize_pixels")
     pixels = np.array([0.0, 255.0, 127.0], "float32").reshape(1, 3, 1, 1)
     np.testing.assert_allclose(normalize(pixels).numpy().ravel(),
-                               (pixels.ravel() / 255 - MNIST_MEAN) / MNIST_STD, rtol=1e-5)
+                               (pixels.ravel() / 255 - 0.1307) / 0.3081, rtol=1e-5)  # MNIST's mean and std
     assert normalize.count_params() == 0
     assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)

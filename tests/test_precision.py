@@ -1,12 +1,12 @@
-import csv
 import math
 import os
 
 import keras
 import numpy as np
 
-from kernorm.models import build_model, dtype_policy, load_model
 from kernorm.config import TrainConfig
+from kernorm.models import build_model, dtype_policy, load_model
+from kernorm.rundir import read_history
 from kernorm.train import train
 
 
@@ -37,9 +37,8 @@ def test_bfloat16_training_saves_a_float32_model(tmp_path, data_dir):
                          out=str(tmp_path / "bf16"))
     metrics = train(config, verbose=False)
     assert keras.config.dtype_policy().name == "float32"
-    with open(os.path.join(config.out, "history.csv")) as f:
-        row = next(csv.DictReader(f))
-    assert math.isfinite(float(row["train_loss"])) and metrics["epochs_completed"] == 1
+    [row] = read_history(config.out)
+    assert math.isfinite(row["train_loss"]) and metrics["epochs_completed"] == 1
     model = load_model(os.path.join(config.out, "model.keras"))
     assert set(policies(model).values()) == {"float32"}
     assert all(w.dtype == "float32" for w in model.get_weights())

@@ -29,6 +29,7 @@ def test_fitting_an_mnist_digit_changes_it_little(mnist):
         assert np.abs(fitted.astype(int) - digit).mean() < 2
 
 
+@pytest.mark.slow
 def test_pictures_of_digits_are_fitted_and_classified(exported, mnist, tmp_path):
     (_, _), (x_test, y_test) = mnist
     model = load_tflite(os.path.join(exported["export_dir"], "model_float32.tflite"))
@@ -58,6 +59,7 @@ def test_transparent_png_counts_as_white_paper(mnist, tmp_path):
     assert np.corrcoef(fitted.ravel(), fit_digit(x_test[0]).ravel())[0, 1] > 0.9
 
 
+@pytest.mark.slow
 def test_predict_prints_top_k_with_probabilities(exported, mnist, tmp_path):
     (_, _), (x_test, y_test) = mnist
     model_file = os.path.join(exported["export_dir"], "model_int8.tflite")
@@ -78,6 +80,7 @@ def test_predict_prints_top_k_with_probabilities(exported, mnist, tmp_path):
     assert lines[0].split(": ")[1].startswith(f"{y_test[0]} (")
 
 
+@pytest.mark.slow
 def test_unreadable_images_and_wrong_arrays_give_one_clear_line(exported, tmp_path):
     model_file = os.path.join(exported["export_dir"], "model_float32.tflite")
     (tmp_path / "text.png").write_text("not a picture")

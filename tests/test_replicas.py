@@ -9,22 +9,16 @@ import pathlib
 import re
 import socket
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
+from helpers import FINISHED_RUN, TIMEOUT, assert_same_run, kernorm_command, kill_after_backup, run_python
 
 from kernorm.models import load_model, weights_digest
-from test_resume import assert_same_run, backed_up_epochs, read_history
+from kernorm.rundir import read_history
 
 HERE = pathlib.Path(__file__).parent
-TIMEOUT = 480  # seconds; generous for a machine shared with other TensorFlow jobs
-
-
-def run_python(args, **kwargs):
-    """Runs `python args...` and returns the finished process; killed if it outlives TIMEOUT."""
-    return subprocess.run([sys.executable] + args, capture_output=True, text=True, timeout=TIMEOUT, **kwargs)
+pytestmark = pytest.mark.slow  # every test runs TensorFlow in two processes, or two of them at once
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +55,7 @@ def test_mirrored_training_runs_and_saves_a_plain_float32_model(two_replicas, pr
     results, out = two_replicas
     run = results["runs"][precision]
     assert run["metrics"]["epochs_completed"] == 1 and 0 <= run["metrics"]["final_test_acc"] <= 1
-    assert run["files"] == ["config.json", "history.csv", "metrics.json", "model.keras"]  # backup removed
+    assert run["files"] == FINISHED_RUN  # backup removed
     model = load_model(str(out / precision / "model.keras"))
     layers = list(all_layers(model))
     assert {layer.dtype_policy.name for layer in layers} == {"float32"}
@@ -111,9 +105,8 @@ def finish(workers):
 
 
 def multi_worker_command(data_dir, run_dir, epochs):
-    return [sys.executable, "-m", "kernorm", "train", "--strategy", "multi-worker", "--norm", "bn",
-            "--epochs", str(epochs), "--limit", "640", "--deterministic", "--data-dir", data_dir,
-            "--out", str(run_dir)]
+    return kernorm_command("train", "--strategy", "multi-worker", "--norm", "bn", "--epochs", epochs,
+                           "--limit", 640, "--deterministic", "--data-dir", data_dir, "--out", run_dir)
 
 
 def test_two_workers_train_in_sync(tmp_path, data_dir):
@@ -124,7 +117,7 @@ def test_two_workers_train_in_sync(tmp_path, data_dir):
     assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     digests = [re.search(r"Final weights digest (\w+)", output)[1] for output in outputs]
     assert "(the chief wrote the run folder)" in outputs[1]
-    assert sorted(os.listdir(run_dir)) == ["config.json", "history.csv", "metrics.json", "model.keras"]
+    assert sorted(os.listdir(run_dir)) == FINISHED_RUN
     assert weights_digest(load_model(str(run_dir / "model.keras"))) == digests[0] == digests[1]
     assert "2 replica(s)" in outputs[0] and "BN statistics synchronized" in outputs[0]
     assert os.listdir(tmp_path / "tmp1") == []  # the other worker's scratch space is gone
@@ -135,16 +128,7 @@ def test_two_killed_workers_resume_with_the_same_command(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     command = multi_worker_command(data_dir, run_dir, epochs=6)
     workers = start_workers(command, tmp_path / "killed")
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while backed_up_epochs(str(run_dir / "backup")) < 2 and all(w.poll() is None for w in workers):
-            assert time.monotonic() < deadline, "epoch 2 was not backed up in time"
-            time.sleep(0.05)
-        assert all(w.poll() is None for w in workers), "a worker ended before it could be killed"
-    finally:
-        for worker in workers:
-            worker.kill()
-            worker.wait()
+    kill_after_backup(workers, run_dir / "backup")
     assert 2 <= len(read_history(run_dir)) < 6
 
     workers = start_workers(command, tmp_path / "resumed")
@@ -153,7 +137,7 @@ def test_two_killed_workers_resume_with_the_same_command(tmp_path, data_dir):
     for output in outputs:
         assert f"Resuming the unfinished run in {run_dir} from its backup" in output
         assert "Epoch 1/6" not in output and "Epoch 6/6" in output
-    assert sorted(os.listdir(run_dir)) == ["config.json", "history.csv", "metrics.json", "model.keras"]
+    assert sorted(os.listdir(run_dir)) == FINISHED_RUN
     digests = [re.search(r"Final weights digest (\w+)", output)[1] for output in outputs]
     assert digests[0] == digests[1]
 

@@ -1,85 +1,41 @@
 """Fault tolerance: a killed run, started again with the same command, resumes from its backup."""
 
-import csv
 import dataclasses
-import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import FINISHED_RUN, assert_same_run, kernorm_command, kill_after_backup, read_json, run
 
 import kernorm.backup
 from kernorm.cli import main
-from kernorm.errors import KernormError
-from kernorm.models import load_model
 from kernorm.config import TrainConfig
+from kernorm.errors import KernormError
+from kernorm.rundir import read_history
 from kernorm.train import train
 
-TIMEOUT = 480  # seconds; generous for a machine shared with other TensorFlow jobs
-COMPARED = ["train_loss", "train_acc", "test_loss", "test_acc", "lr"]
-
-
-def read_history(run_dir):
-    with open(os.path.join(run_dir, "history.csv")) as f:
-        return list(csv.DictReader(f))
-
-
-def assert_same_run(run_dir, reference_dir):
-    """Same epochs, figures and final weights, to within floating-point noise."""
-    history, reference = read_history(run_dir), read_history(reference_dir)
-    assert [row["epoch"] for row in history] == [row["epoch"] for row in reference]
-    for row, expected in zip(history, reference):
-        for key in COMPARED:
-            assert float(row[key]) == pytest.approx(float(expected[key]), abs=1e-5), (row["epoch"], key)
-    weights = load_model(os.path.join(run_dir, "model.keras")).get_weights()
-    for a, b in zip(weights, load_model(os.path.join(reference_dir, "model.keras")).get_weights()):
-        np.testing.assert_allclose(a, b, atol=1e-5)
-
-
-def backed_up_epochs(backup_dir):
-    """Finished epochs in the latest backup; 0 while there is none (or it is being replaced)."""
-    import tensorflow as tf
-
-    try:
-        path = tf.train.latest_checkpoint(backup_dir)
-        return int(tf.train.load_variable(path, "epoch/.ATTRIBUTES/VARIABLE_VALUE")) if path else 0
-    except (tf.errors.OpError, ValueError):
-        return 0
+pytestmark = pytest.mark.slow  # every test here trains several short runs; one kills a subprocess
 
 
 def test_sigkilled_run_resumes_with_the_same_command(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     # Deterministic, as the in-process reference below must be: op determinism, once turned on
     # (by an earlier test, say), stays on in a process, and it changes the numerics a little.
-    command = [sys.executable, "-m", "kernorm", "train", "--norm", "bn", "--epochs", "6", "--limit", "640",
-               "--deterministic", "--data-dir", data_dir, "--out", str(run_dir)]
+    command = kernorm_command("train", "--norm", "bn", "--epochs", 6, "--limit", 640, "--deterministic",
+                              "--data-dir", data_dir, "--out", run_dir)
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while backed_up_epochs(str(run_dir / "backup")) < 2 and process.poll() is None:
-            assert time.monotonic() < deadline, "epoch 2 was not backed up in time"
-            time.sleep(0.05)
-        assert process.poll() is None, "the run finished before it could be killed"
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_after_backup([process], run_dir / "backup")
     killed = read_history(run_dir)
     assert 2 <= len(killed) < 6  # whole files after the kill
-    json.load(open(run_dir / "metrics.json"))
+    read_json(run_dir, "metrics.json")
 
-    resumed = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+    resumed = run(command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming the unfinished run in {run_dir} from its backup" in resumed.stdout
     assert "Epoch 1/6" not in resumed.stdout and "Epoch 6/6" in resumed.stdout
-    assert sorted(os.listdir(run_dir)) == ["config.json", "history.csv", "metrics.json", "model.keras"]
-    assert json.load(open(run_dir / "metrics.json"))["epochs_completed"] == 6
+    assert sorted(os.listdir(run_dir)) == FINISHED_RUN
+    assert read_json(run_dir, "metrics.json")["epochs_completed"] == 6
 
     reference = tmp_path / "reference"
     train(TrainConfig(norm="bn", epochs=6, limit=640, deterministic=True, data_dir=data_dir, out=str(reference)),
@@ -136,7 +92,7 @@ def test_backup_dir_elsewhere_and_overwrite(tmp_path, data_dir, monkeypatch):
 
     metrics = train(config, overwrite=True, verbose=False)  # starts afresh, discarding the old backup
     assert metrics["epochs_completed"] == 2 and not backup_dir.exists()
-    assert [row["epoch"] for row in read_history(config.out)] == ["1", "2"]
+    assert [row["epoch"] for row in read_history(config.out)] == [1, 2]
 
     backup_dir.mkdir()
     (backup_dir / "notes.txt").write_text("mine")

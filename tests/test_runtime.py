@@ -2,8 +2,6 @@
 
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ def keras_pred(exported, mnist):
     return model.predict(x_test[..., None].astype("float32"), batch_size=1000, verbose=0).argmax(-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize, input_dtype, output_dtype", [
     ("float32", np.float32, np.float32), ("float16", np.float32, np.float32),
     ("dynamic", np.float32, np.float32), ("int8", np.uint8, np.int8),
@@ -45,6 +44,7 @@ def test_shapes_dtypes_and_quantization_parameters(exported, quantize, input_dty
     np.testing.assert_allclose(probabilities.sum(-1), 1, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize, least_agreement", [("float32", 0.999), ("int8", 0.99)])
 def test_tflite_agrees_with_keras(exported, mnist, keras_pred, quantize, least_agreement):
     (_, _), (x_test, y_test) = mnist
@@ -54,6 +54,7 @@ def test_tflite_agrees_with_keras(exported, mnist, keras_pred, quantize, least_a
     assert abs((pred == y_test).mean() - (keras_pred == y_test).mean()) <= 0.003
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["float32", "int8"])
 def test_batch_1_and_batch_64_predict_the_same(exported, mnist, quantize):
     (_, _), (x_test, _) = mnist
@@ -66,6 +67,7 @@ def test_batch_1_and_batch_64_predict_the_same(exported, mnist, quantize):
     np.testing.assert_array_equal(model.predict(images[:5], batch_size=3), many[:5])  # ragged last batch
 
 
+@pytest.mark.slow
 def test_int8_input_is_quantized_from_the_models_own_parameters(exported, mnist):
     (_, _), (x_test, _) = mnist
     model = load_tflite(model_path(exported, "int8"))
@@ -90,6 +92,7 @@ def test_quantize_and_dequantize_follow_scale_and_zero_point():
     np.testing.assert_allclose(softmax(np.array([[0.0, np.log(3.0)], [1000.0, 1000.0]])), [[0.25, 0.75], [0.5, 0.5]])
 
 
+@pytest.mark.slow
 def test_bad_model_files_raise_one_clear_error(exported, tmp_path):
     with open(model_path(exported, "int8"), "rb") as f:
         content = f.read()
@@ -109,6 +112,7 @@ def test_bad_model_files_raise_one_clear_error(exported, tmp_path):
         load_tflite(tmp_path / "missing.tflite")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("images, message", [
     (np.zeros((2, 28, 28, 3)), r"shape \(2, 28, 28, 3\); the model takes \(N, 28, 28, 1\) or \(N, 28, 28\)"),
     (np.zeros((28, 28)), r"shape \(28, 28\)"),
@@ -123,21 +127,3 @@ def test_wrong_inputs_raise_one_clear_error(exported, images, message):
         with pytest.raises(KernormError, match=message):
             load_tflite(model_path(exported, kind)).predict(images)
 
-
-def test_runtime_and_predict_import_no_tensorflow(exported, mnist, tmp_path):
-    (_, _), (x_test, _) = mnist
-    np.save(tmp_path / "digit.npy", x_test[0])
-    code = (
-        "import sys\n"
-        "from kernorm.cli import main\n"
-        "try:\n"
-        f"    main(['predict', {model_path(exported, 'int8')!r}, {str(tmp_path / 'digit.npy')!r}])\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
-        "print('heavy modules:', heavy[:5])\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "digit.npy: " in result.stdout
-    assert "heavy modules: []" in result.stdout

@@ -1,23 +1,18 @@
-import csv
-import json
 import os
 
 import pytest
 from click.testing import CliRunner
+from helpers import FINISHED_RUN, read_json
 
 from kernorm.cli import main
 from kernorm.config import TrainConfig
+from kernorm.rundir import read_history
 from kernorm.train import train
-
-
-def read_history(run_dir):
-    with open(os.path.join(run_dir, "history.csv")) as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir):
-    """A 2-epoch CLI run on 512 images."""
+    """A 2-epoch CLI run on 512 images (several seconds: the tests that use it are slow)."""
     run_dir = str(tmp_path_factory.mktemp("runs") / "tiny")
     result = CliRunner().invoke(main, ["train", "--norm", "ln", "--l2", "1e-4", "--epochs", "2", "--limit", "512",
                                        "--data-dir", data_dir, "--out", run_dir])
@@ -25,24 +20,26 @@ def tiny_run(tmp_path_factory, data_dir):
     return run_dir, result.output
 
 
+@pytest.mark.slow
 def test_cli_writes_every_artifact(tiny_run, data_dir):
     run_dir, output = tiny_run
-    assert sorted(os.listdir(run_dir)) == ["config.json", "history.csv", "metrics.json", "model.keras"]
+    assert sorted(os.listdir(run_dir)) == FINISHED_RUN
     config = TrainConfig.load(os.path.join(run_dir, "config.json"))
     assert (config.norm, config.l2, config.epochs, config.limit, config.data_dir) == ("ln", 1e-4, 2, 512, data_dir)
     history = read_history(run_dir)
-    assert [row["epoch"] for row in history] == ["1", "2"]
+    assert [row["epoch"] for row in history] == [1, 2]
     for row in history:
-        assert 0 < float(row["train_loss"]) < 3 and 0 <= float(row["test_acc"]) <= 1
-        assert float(row["lr"]) == 0.01 and float(row["seconds"]) > 0
-    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+        assert 0 < row["train_loss"] < 3 and 0 <= row["test_acc"] <= 1
+        assert row["lr"] == 0.01 and row["seconds"] > 0
+    metrics = read_json(run_dir, "metrics.json")
     assert metrics["params"] == 4700 and metrics["epochs_completed"] == 2
-    assert metrics["final_test_acc"] == pytest.approx(float(history[-1]["test_acc"]))
-    assert metrics["best_test_acc"] == max(float(r["test_acc"]) for r in history)
+    assert metrics["final_test_acc"] == pytest.approx(history[-1]["test_acc"])
+    assert metrics["best_test_acc"] == max(r["test_acc"] for r in history)
     assert "Trainable parameters: 4,700" in output and "Epoch 2/2" in output
     assert "test_acc" in output and f"run folder {run_dir}" in output
 
 
+@pytest.mark.slow
 def test_saved_model_reloads_in_safe_mode_and_predicts_like_the_run(tiny_run, mnist):
     from kernorm.models import load_model
 
@@ -50,10 +47,11 @@ def test_saved_model_reloads_in_safe_mode_and_predicts_like_the_run(tiny_run, mn
     model = load_model(os.path.join(run_dir, "model.keras"))
     (_, _), (x_test, y_test) = mnist
     acc = (model.predict(x_test[..., None].astype("float32"), verbose=0).argmax(-1) == y_test).mean()
-    assert acc == pytest.approx(float(read_history(run_dir)[-1]["test_acc"]), abs=1e-4)
+    assert acc == pytest.approx(read_history(run_dir)[-1]["test_acc"], abs=1e-4)
     assert type(model.get_layer("block1").layers[1]).__name__ == "LayerNorm"
 
 
+@pytest.mark.slow
 def test_no_overwrite_without_flag(tiny_run, data_dir):
     run_dir, _ = tiny_run
     before = open(os.path.join(run_dir, "history.csv")).read()
@@ -64,6 +62,7 @@ def test_no_overwrite_without_flag(tiny_run, data_dir):
     assert open(os.path.join(run_dir, "history.csv")).read() == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_a_run(tmp_path, data_dir):
     args = ["train", "--epochs", "1", "--limit", "64", "--data-dir", data_dir, "--out", str(tmp_path / "r")]
     assert CliRunner().invoke(main, args).exit_code == 0
@@ -72,6 +71,7 @@ def test_overwrite_replaces_a_run(tmp_path, data_dir):
     assert TrainConfig.load(str(tmp_path / "r" / "config.json")).norm == "gn"
 
 
+@pytest.mark.slow
 def test_config_file_repeats_a_run_with_overrides(tiny_run, tmp_path, data_dir):
     run_dir, _ = tiny_run
     out = str(tmp_path / "again")
@@ -107,6 +107,7 @@ def test_bad_config_file(tmp_path):
     assert result.exit_code == 1 and "not a kernorm training config" in result.output
 
 
+@pytest.mark.slow
 def test_deterministic_runs_repeat_exactly(tmp_path, data_dir):
     def run(name):
         config = TrainConfig(norm="bn", l1=1e-4, epochs=2, limit=640, data_dir=data_dir, deterministic=True,
@@ -117,7 +118,7 @@ def test_deterministic_runs_repeat_exactly(tmp_path, data_dir):
     first, second = run("a"), run("b")
     for a, b in zip(first, second):
         for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
-            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6)
+            assert a[key] == pytest.approx(b[key], abs=1e-6)
 
 
 def test_interrupt_keeps_finished_epochs(tmp_path, data_dir, monkeypatch):
@@ -136,10 +137,11 @@ def test_interrupt_keeps_finished_epochs(tmp_path, data_dir, monkeypatch):
     metrics = train(config, verbose=False)
     assert metrics["interrupted"] and metrics["epochs_completed"] == 2
     assert len(read_history(config.out)) == 2
-    assert json.load(open(tmp_path / "r" / "metrics.json"))["interrupted"] is True
+    assert read_json(config.out, "metrics.json")["interrupted"] is True
     assert not [name for name in os.listdir(config.out) if name.startswith(".")]  # no temp files left
 
 
+@pytest.mark.slow
 def test_one_epoch_of_bn_on_full_mnist_reaches_97_percent(tmp_path, data_dir):
     metrics = train(TrainConfig(norm="bn", epochs=1, data_dir=data_dir, out=str(tmp_path / "full")), verbose=False)
     assert metrics["final_test_acc"] >= 0.97

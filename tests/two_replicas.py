@@ -16,10 +16,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kernorm.config import TrainConfig
 from kernorm.data import load_mnist, make_dataset
 from kernorm.distribution import choose_strategy, make_strategy
 from kernorm.models import build_model
-from kernorm.config import TrainConfig
 from kernorm.steps import make_steps
 from kernorm.train import train
 
