@@ -18,8 +18,10 @@ from kernorm.config import (
     STRATEGIES,
     ExportConfig,
     ReproduceConfig,
+    SweepConfig,
     TrainConfig,
     describe_preset,
+    read_grid,
 )
 from kernorm.errors import KernormError
 
@@ -50,6 +52,11 @@ def _data_dir(default="Keras's download"):
 
 
 _LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
+_JOBS = click.option("--jobs", type=click.IntRange(min=1), default=None,
+                     help="Training processes at once [default: one per two cores].")
+_VALIDATION = click.option("--validation", type=click.IntRange(min=0), default=0, show_default=True,
+                           help="Hold out the last N training images (after --limit), never trained on; each epoch "
+                                "is evaluated on them and the epoch is chosen by them, never by a test figure.")
 
 _DEFAULTS = TrainConfig()
 
@@ -90,6 +97,7 @@ def _device_list(ctx, param, value):
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @_data_dir()
 @_LIMIT
+@_VALIDATION
 @click.option("--out", default=None,
               help="Run folder [default: runs/[<architecture>-]<norm>[-l1_X][-l2_X]-seed<seed>].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
@@ -123,8 +131,76 @@ def train(ctx, config_file, preset, overwrite, **options):
         click.echo(f"Interrupted after {metrics['epochs_completed']} epoch(s); kept in {config.run_dir}; "
                    f"run the same command again to resume", err=True)
         ctx.exit(130)
-    click.echo(f"final test acc {metrics['final_test_acc']:.4f}, best {metrics['best_test_acc']:.4f} "
-               f"(epoch {metrics['best_epoch']}); run folder {config.run_dir}")
+    click.echo(f"final test acc {metrics['final_test_acc']:.4f}, " + (
+        f"at the epoch chosen on validation {metrics['chosen_test_acc']:.4f} (epoch {metrics['chosen_epoch']})"
+        if config.validation else f"best {metrics['best_test_acc']:.4f} (epoch {metrics['best_epoch']})")
+        + f"; run folder {config.run_dir}")
+
+
+class _ListOf(click.ParamType):
+    """A comma-separated list, each item converted by `item_type`: "bn,gn" -> ["bn", "gn"]."""
+
+    def __init__(self, item_type):
+        self.item_type = item_type
+        self.name = f"{item_type.name} list"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        return [self.item_type.convert(item.strip(), param, ctx) for item in value.split(",")]
+
+
+def _axis(name, item_type, what):
+    return click.option(f"--{name}", type=_ListOf(item_type), default=None,
+                        help=f"Comma-separated {what} [default: the preset's].")
+
+
+@main.command()
+@click.option("--grid", "grid_file", type=click.Path(dir_okay=False),
+              help='JSON file of axis -> values, e.g. {"norm": ["bn", "gn"], "l1": [0, 1e-4]}; options given '
+                   "here replace its axes.")
+@click.option("--preset", type=_ListOf(click.Choice(list(PRESETS))), default=None,
+              help="Comma-separated presets every cell starts from [default: study].")
+@_axis("architecture", click.Choice(ARCHITECTURES), "networks")
+@_axis("norm", click.Choice(NORMS), "norms")
+@_axis("groups", click.IntRange(min=1), "channel group counts of gn")
+@_axis("l1", click.FloatRange(min=0), "L1 coefficients")
+@_axis("l2", click.FloatRange(min=0), "L2 coefficients")
+@_axis("dropout", click.FloatRange(0, 1, max_open=True), "dropout rates")
+@_axis("lr", click.FloatRange(min=0, min_open=True), "learning rates")
+@click.option("--seeds", type=click.IntRange(min=1), default=SweepConfig.seeds, show_default=True,
+              help="Seeds per cell: 1 to N.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs of every run [default: the preset's].")
+@_VALIDATION
+@_data_dir()
+@_LIMIT
+@click.option("--out", type=click.Path(file_okay=False), default=SweepConfig.out, show_default=True,
+              help="Sweep folder; runs go to OUT/runs/<cell>-seed<N>.")
+@_JOBS
+@click.option("--shard", default="1/1", show_default=True,
+              help="K/N: run only the K-th of N disjoint parts of the grid (for a scheduler's job array).")
+@click.option("--report-only", is_flag=True, help="Train nothing; write the report of the finished runs.")
+@click.pass_context
+def sweep(ctx, grid_file, seeds, epochs, validation, data_dir, limit, out, jobs, shard, report_only, **axes):
+    """Train a grid of configurations over seeds, and report them with confidence intervals and paired tests.
+
+    Every cell x seed is a run folder of `kernorm train`: a finished run is reused, an unfinished one
+    resumes, so the same command can be stopped and started again. The report (results.md, findings.md,
+    seeds.png, curves.png) is written into OUT from every run that has finished.
+    """
+    from kernorm.sweep import parse_shard
+    from kernorm.sweep import sweep as run_sweep
+
+    grid = read_grid(grid_file) if grid_file else {}
+    grid.update({axis: values for axis, values in axes.items() if values is not None})
+    config = SweepConfig(grid=grid, seeds=seeds, epochs=epochs, validation=validation, limit=limit,
+                         data_dir=data_dir, out=out)
+    try:
+        run_sweep(config, jobs=jobs, shard=parse_shard(shard), report_only=report_only)
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted; finished runs are kept in {out}: run the same command to go on", err=True)
+        ctx.exit(130)
+    click.echo(f"Report written to {out}: results.md, findings.md, seeds.png, curves.png")
 
 
 _RUN = click.Path(exists=True, file_okay=False)
@@ -132,22 +208,27 @@ _RUN = click.Path(exists=True, file_okay=False)
 
 @main.command()
 @click.option("--epochs", type=click.IntRange(min=1), default=ReproduceConfig.epochs, show_default=True)
+@click.option("--seeds", type=click.IntRange(min=1), default=ReproduceConfig.seeds, show_default=True,
+              help="Seeds 1 to N of every experiment; with 2 or more, a statistical report in OUT/statistics.")
+@_VALIDATION
 @click.option("--out", type=click.Path(file_okay=False), default=ReproduceConfig.out, show_default=True,
-              help="Report folder; the run folders go to OUT/runs/<experiment>.")
+              help="Report folder; the run folders go to OUT/runs/<experiment>-seed<N>.")
 @_data_dir()
 @_LIMIT
+@_JOBS
 @click.pass_context
-def reproduce(ctx, **options):
+def reproduce(ctx, jobs, **options):
     """Run the study's three experiments (BN + L1 + L2, LN + L2, GN + L1) and write its report.
 
-    Finished run folders already in OUT/runs with the same configuration are reused.
+    Finished run folders already in OUT/runs with the same configuration are reused. With --seeds 2 or
+    more, OUT/statistics compares the experiments over their seeds.
     """
     from kernorm.reports import results_markdown
     from kernorm.study import reproduce as run_study
 
     config = ReproduceConfig(**options)
     try:
-        rows = run_study(config)
+        rows = run_study(config, jobs=jobs)
     except KeyboardInterrupt:
         click.echo(f"Interrupted; finished runs are kept in {config.out}: run the same command to go on", err=True)
         ctx.exit(130)
@@ -188,12 +269,21 @@ def gallery(run, count, out, data_dir):
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=_RUN)
-def compare(runs):
-    """Print a markdown table of the runs' parameters, accuracies and speed."""
-    from kernorm import reports
+@_data_dir(default="the first run's own")
+def compare(runs, data_dir):
+    """Print a markdown table of the runs' parameters, accuracies and speed.
+
+    Two runs are also compared image by image: McNemar's exact test on their final models' test predictions.
+    """
+    from kernorm import findings, reports
+    from kernorm.data import load_mnist
     from kernorm.rundir import load_run
 
-    click.echo(reports.results_markdown([reports.summarize_run(load_run(run)) for run in runs]), nl=False)
+    loaded = [load_run(run) for run in runs]
+    click.echo(reports.results_markdown([reports.summarize_run(run) for run in loaded]), nl=False)
+    if len(loaded) == 2:
+        _, (_, y_test) = load_mnist(data_dir or loaded[0].config.data_dir)
+        click.echo("\n" + findings.mcnemar_line(*loaded, y_test))
 
 
 @main.command()

@@ -6,6 +6,7 @@ configuration is a dataclass that is saved as JSON beside what it made.
 """
 
 import dataclasses
+import itertools
 import json
 import os
 
@@ -36,7 +37,9 @@ class TrainConfig:
     over the strategy's replicas. With `schedule="onecycle"`, `lr` is the peak
     learning rate (see `kernorm.steps.learning_rate`). `augment` rotates and
     shifts the training images in the input pipeline (`kernorm.data.augment`);
-    the model never holds it.
+    the model never holds it. `validation` holds out the last N of the training
+    images (after `limit`), never trained on: each epoch is then evaluated on
+    them too, and the epoch is chosen by them, never by a test figure.
     """
 
     architecture: str = "study"
@@ -55,6 +58,7 @@ class TrainConfig:
     seed: int = 1
     data_dir: str | None = None
     limit: int | None = None
+    validation: int = 0
     out: str | None = None
     deterministic: bool = False
     tensorboard: bool = False
@@ -177,17 +181,115 @@ class ReproduceConfig:
     """`kernorm reproduce`'s configuration; saved as `reproduce.json` in the report folder.
 
     The training set-up is the study's (`TrainConfig`'s defaults: SGD lr 0.01,
-    momentum 0.9, batch 128, seed 1), with op determinism on so that a
-    reproduction repeats exactly.
+    momentum 0.9, batch 128), with op determinism on so that a reproduction
+    repeats exactly. The study trained seed 1; `seeds` trains seeds 1 to N of
+    each experiment, and `validation` holds out that many training images
+    (see `TrainConfig`).
     """
 
     epochs: int = 25
+    seeds: int = 1
+    validation: int = 0
     out: str = os.path.join("reports", "study")
     data_dir: str | None = None
     limit: int | None = None
 
-    def train_config(self, experiment):
-        """The `TrainConfig` of one of the study's experiments, its run folder inside `out`."""
+    def train_config(self, experiment, seed=1):
+        """The `TrainConfig` of one of the study's experiments and a seed, its run folder inside `out`."""
         return TrainConfig(norm=experiment.norm, l1=experiment.l1, l2=experiment.l2, epochs=self.epochs,
-                           data_dir=self.data_dir, limit=self.limit, deterministic=True,
-                           out=os.path.join(self.out, "runs", experiment.name))
+                           seed=seed, data_dir=self.data_dir, limit=self.limit, validation=self.validation,
+                           deterministic=True, out=os.path.join(self.out, "runs", f"{experiment.name}-seed{seed}"))
+
+
+# The `TrainConfig` fields a sweep's grid may vary, besides the preset it starts from, and
+# the types their values take (a dropout may also be null: none).
+SWEEP_AXES = {"architecture": str, "norm": str, "groups": int, "l1": float, "l2": float, "dropout": float,
+              "lr": float}
+
+
+def read_grid(path):
+    """Reads a grid file: a JSON object of axis -> list of values, e.g. `{"norm": ["bn", "gn"], "l1": [0, 1e-4]}`."""
+    try:
+        with open(path) as f:
+            grid = json.load(f)
+    except (OSError, ValueError) as e:
+        raise KernormError(f"{path}: not a readable grid file ({e}); write a JSON object such as "
+                           f'{{"norm": ["bn", "gn"], "l1": [0, 0.0001]}}') from None
+    if not isinstance(grid, dict):
+        raise KernormError(f"{path}: a grid file holds a JSON object of axis -> list of values, not "
+                           f"{type(grid).__name__}")
+    return grid
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """`kernorm sweep`'s configuration: a grid of training configurations, each over several seeds.
+
+    Saved as `sweep.json` in the sweep folder.
+
+    Attributes:
+        grid: the values of each axis, `{"preset": [...], "norm": [...], ...}`:
+            "preset" (a key of `PRESETS`, default the study's) and any of
+            `SWEEP_AXES`. Every combination is a cell; an axis left out keeps
+            the preset's value.
+        seeds: seeds per cell, 1 to `seeds`.
+        epochs: epochs of every run; default the preset's.
+        validation: training images held out for validation (see `TrainConfig`).
+        limit: train on the first N images only.
+        data_dir: folder of the MNIST IDX files.
+        out: the sweep folder; each run goes to `<out>/runs/<cell>-seed<N>`.
+    """
+
+    grid: dict = dataclasses.field(default_factory=dict)
+    seeds: int = 3
+    epochs: int | None = None
+    validation: int = 0
+    limit: int | None = None
+    data_dir: str | None = None
+    out: str = os.path.join("sweeps", "sweep")
+
+    def check(self):
+        """Raises a `KernormError` naming the first axis, value or field that cannot be swept."""
+        types = {"preset": str, **SWEEP_AXES}
+        for axis, values in self.grid.items():
+            if axis not in types:
+                raise KernormError(f"unknown sweep axis {axis!r}; choose from {', '.join(types)}")
+            if not isinstance(values, list) or not values:
+                raise KernormError(f"sweep axis {axis!r} needs a non-empty list of values, not {values!r}")
+            for value in values:
+                allowed = (int, float) if types[axis] is float else types[axis]
+                if not (isinstance(value, allowed) and not isinstance(value, bool)
+                        or axis == "dropout" and value is None):
+                    raise KernormError(f"sweep axis {axis!r}: {value!r} is not a {types[axis].__name__}")
+                if types[axis] is not str and value is not None and value < 0:
+                    raise KernormError(f"sweep axis {axis!r}: {value!r} is negative")
+            if len(set(map(json.dumps, values))) != len(values):
+                raise KernormError(f"sweep axis {axis!r} lists a value twice: {values!r}")
+        for preset in self.grid.get("preset", []):
+            check_choice("preset", preset, PRESETS)
+        if self.seeds < 1:
+            raise KernormError(f"--seeds {self.seeds}: a sweep needs at least 1 seed")
+        return self
+
+    def cells(self):
+        """Every combination of the grid's values, in a fixed order.
+
+        Returns:
+            A list of `(coordinates, config)`: the combination as `{axis: value}`
+            (the preset included), and its `TrainConfig` of seed 1, with op
+            determinism on so that a run repeats exactly.
+        """
+        axes = {"preset": ["study"], **self.grid}
+        fixed = dict(data_dir=self.data_dir, limit=self.limit, validation=self.validation, deterministic=True)
+        if self.epochs:
+            fixed["epochs"] = self.epochs
+        cells = []
+        for values in itertools.product(*axes.values()):
+            coordinates = dict(zip(axes, values))
+            chosen = {axis: value for axis, value in coordinates.items() if axis != "preset"}
+            config = dataclasses.replace(PRESETS[coordinates["preset"]], **chosen, **fixed).check()
+            cells.append((coordinates, config))
+        return cells
+
+    def save(self, path):
+        write_json(path, dataclasses.asdict(self))

@@ -135,6 +135,26 @@ def augment(images, seed):
     return keras.ops.image.affine_transform(images, transform, interpolation="nearest", fill_mode="constant")
 
 
+def split_validation(images, labels, count):
+    """Holds out the last `count` images as a validation set.
+
+    Args:
+        images, labels: the training arrays, `(N, ...)` and `(N,)`.
+        count: images to hold out; 0 holds out none.
+
+    Returns:
+        `(train, validation)`: `(images, labels)` pairs, the first `N - count`
+        images and the last `count`; `validation` is None when `count` is 0.
+    """
+    if not 0 <= count < len(images):
+        raise KernormError(f"--validation {count}: hold out fewer than the {len(images):,} training images "
+                           f"(and at least 0)")
+    if not count:
+        return (images, labels), None
+    cut = len(images) - count
+    return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
+
+
 def make_dataset(images, labels, batch_size, shuffle_seed=None, augment_images=False):
     """A tf.data pipeline of `(images, labels)` batches for training or evaluation.
 

@@ -45,7 +45,8 @@ def save_figure(fig, path):
         fig.savefig(tmp, dpi=DPI, format=fmt)
 
 
-def _figure(size):
+def new_figure(size):
+    """A constrained-layout `Figure` of `size` inches, drawn without pyplot."""
     return Figure(figsize=size, dpi=DPI, layout="constrained")
 
 
@@ -57,8 +58,9 @@ PANELS = [("train_loss", "Train loss", "cross-entropy", False), ("test_loss", "T
 def draw_curves(runs):
     """Four panels (train loss, test loss, train accuracy, test accuracy), one line per run.
 
-    Each run's best test epoch is marked with a star on the two test panels,
-    and its best test accuracy is given in the legend.
+    Each run's best test epoch (or, with a validation split, the epoch chosen
+    on it) is marked with a star on the two test panels, and its test
+    accuracy at that epoch is given in the legend.
 
     Args:
         runs: a list of `kernorm.rundir.Run`s.
@@ -66,27 +68,31 @@ def draw_curves(runs):
     Returns:
         A `Figure` of `CURVES_SIZE` inches.
     """
-    fig = _figure(CURVES_SIZE)
+    fig = new_figure(CURVES_SIZE)
     axes = fig.subplots(2, 2, sharex=True)
-    handles = []
+    handles, kinds = [], set()
     for run, label in zip(runs, run_labels(runs)):
         epochs = [row["epoch"] for row in run.history]
-        best, best_acc = run.metrics["best_epoch"], run.metrics["best_test_acc"]
+        chosen = run.metrics.get("chosen_epoch")
+        best = chosen or run.metrics["best_epoch"]
+        best_acc = run.metrics["chosen_test_acc"] if chosen else run.metrics["best_test_acc"]
+        kind = "chosen on validation" if chosen else "best test"
+        kinds.add("epoch chosen on validation" if chosen else "best test epoch")
         for ax, (key, _, _, percent) in zip(axes.flat, PANELS):
             values = [row[key] * (100 if percent else 1) for row in run.history]
             line, = ax.plot(epochs, values, marker="o", markersize=3, linewidth=1.6,
-                            label=f"{label}: best test {100 * best_acc:.2f} % (epoch {best})")
+                            label=f"{label}: {kind} {100 * best_acc:.2f} % (epoch {best})")
             if key.startswith("test") and best in epochs:
                 ax.plot(best, values[epochs.index(best)], marker="*", markersize=15, color=line.get_color(),
                         markeredgecolor="black", linestyle="none")
         handles.append(line)
     handles.append(Line2D([], [], marker="*", markersize=15, color="white", markeredgecolor="black",
-                          linestyle="none", label="best test epoch"))
+                          linestyle="none", label=" / ".join(sorted(kinds))))
     for ax, (_, title, ylabel, _) in zip(axes.flat, PANELS):
         ax.set_title(title, fontsize=13)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.set_xticks(_epoch_ticks(max(row["epoch"] for run in runs for row in run.history)))
+        ax.set_xticks(epoch_ticks(max(row["epoch"] for run in runs for row in run.history)))
     for ax in axes[1]:
         ax.set_xlabel("epoch")
     fig.suptitle("Learning curves", fontsize=15)
@@ -95,7 +101,7 @@ def draw_curves(runs):
     return fig
 
 
-def _epoch_ticks(last):
+def epoch_ticks(last):
     """Epoch 1, then every 5th (every epoch for short runs): epochs count from 1, not 0."""
     return list(range(1, last + 1)) if last <= 10 else [1] + list(range(5, last + 1, 5))
 
@@ -149,7 +155,7 @@ def draw_gallery(images, labels, probs, count=20, title="Misclassified test imag
     """
     shown = misclassified(labels, probs, count)
     errors = int((probs.argmax(-1) != labels).sum())
-    fig = _figure(gallery_size(count))
+    fig = new_figure(gallery_size(count))
     axes = fig.subplots(max(1, math.ceil(count / GALLERY_COLUMNS)), GALLERY_COLUMNS, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
@@ -178,7 +184,7 @@ def draw_confusion(matrix, title="Confusion matrix"):
         A `Figure` of `CONFUSION_SIZE` inches.
     """
     classes = len(matrix)
-    fig = _figure(CONFUSION_SIZE)
+    fig = new_figure(CONFUSION_SIZE)
     ax = fig.subplots()
     shown = np.ma.masked_equal(matrix, 0)
     image = ax.imshow(shown, cmap="Blues", norm=LogNorm(vmin=0.5, vmax=max(2, matrix.max())))
@@ -223,7 +229,7 @@ def results_markdown(rows):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["experiment"], f"{row['params']:,}", _percent(row["best_train_acc"]),
-                 f"{_percent(row['best_test_acc'])} ({row['best_epoch']})", _percent(row["final_test_acc"]),
+                 f"{_percent(row['best_test_acc'])} ({row['best_epoch'] or '–'})", _percent(row["final_test_acc"]),
                  f"{row['seconds_per_epoch']:.1f}"]
         if study:
             s = row.get("study") or {}

@@ -3,8 +3,10 @@
 A run folder holds `config.json` (the `TrainConfig`), and after every epoch
 `history.csv` (one row per epoch), `metrics.json` (see `summarize`) and
 `model.keras` (the weights after that epoch, float32), each written whole or
-not at all; `backup/` while the run is unfinished; `tensorboard/` if asked
-for. Two configurations train the same run when their
+not at all; `test_predictions.npy`, the finished run's predicted class of
+every test image, and with a validation split `test_predictions_chosen.npy`,
+those of the epoch chosen on it; `backup/` while the run is unfinished;
+`tensorboard/` if asked for. Two configurations train the same run when their
 `TrainConfig.identity()` is equal: that one definition decides both resuming
 and reusing a finished run.
 """
@@ -16,17 +18,20 @@ import json
 import os
 import shutil
 
+import numpy as np
+
 from kernorm.backup import has_backup
 from kernorm.config import TrainConfig
 from kernorm.errors import KernormError
-from kernorm.files import atomic_path, write_json, write_text
+from kernorm.files import atomic_path, write_bytes, write_json, write_text
 
 CONFIG = "config.json"
 HISTORY = "history.csv"
 METRICS = "metrics.json"
 MODEL = "model.keras"
 TENSORBOARD = "tensorboard"
-HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"]
+PREDICTIONS = "test_predictions.npy"
+CHOSEN_PREDICTIONS = "test_predictions_chosen.npy"
 
 
 def _holds_files(folder):
@@ -81,13 +86,34 @@ def start_run_dir(config):
     config.save(os.path.join(config.run_dir, CONFIG))
 
 
+def chosen_row(history):
+    """The history row of the epoch with the best validation accuracy (the earliest of equals);
+    None without a validation split."""
+    if not history or "val_acc" not in history[0]:
+        return None
+    return max(history, key=lambda row: row["val_acc"])
+
+
 def summarize(history, params, wall_time, interrupted):
-    """The run's `metrics.json`: final and best test accuracy, best epoch, and wall time."""
-    best = max(history, key=lambda row: row["test_acc"]) if history else None
+    """The run's `metrics.json`.
+
+    Final test accuracy and loss; with a validation split the epoch chosen on
+    it (`chosen_epoch`) with its validation and test accuracy, and otherwise
+    the best test epoch, as the study picked it (`best_epoch`,
+    `best_test_acc`): with a validation split nothing is chosen by a test
+    figure. Also the parameter count, the best training accuracy, seconds per
+    epoch and wall time.
+    """
+    chosen = chosen_row(history)
+    best = max(history, key=lambda row: row["test_acc"]) if history and not chosen else None
     return {
         "params": params,
         "epochs_completed": len(history),
         "final_test_acc": history[-1]["test_acc"] if history else None,
+        "final_test_loss": history[-1]["test_loss"] if history else None,
+        "chosen_epoch": chosen["epoch"] if chosen else None,
+        "chosen_val_acc": chosen["val_acc"] if chosen else None,
+        "chosen_test_acc": chosen["test_acc"] if chosen else None,
         "best_test_acc": best["test_acc"] if best else None,
         "best_epoch": best["epoch"] if best else None,
         "best_train_acc": max(row["train_acc"] for row in history) if history else None,
@@ -104,13 +130,29 @@ def write_metrics(folder, metrics):
 def write_epoch(folder, history, metrics, model):
     """Writes a finished epoch: `history.csv`, `metrics.json` and the Keras `model`."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, HISTORY_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, list(history[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     write_text(os.path.join(folder, HISTORY), buf.getvalue())
     write_metrics(folder, metrics)
     with atomic_path(os.path.join(folder, MODEL)) as tmp:
         model.save(tmp)
+
+
+def write_predictions(folder, name, classes):
+    """Saves the predicted class of every test image, in test-set order, as a `.npy` file."""
+    buf = io.BytesIO()
+    np.save(buf, classes, allow_pickle=False)
+    write_bytes(os.path.join(folder, name), buf.getvalue())
+
+
+def read_predictions(folder, name=PREDICTIONS):
+    """The predicted classes a run folder saved (see `write_predictions`)."""
+    path = os.path.join(folder, name)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise KernormError(f"{path}: no readable test predictions ({e}); train the run to its end") from None
 
 
 def read_history(folder):

@@ -1,21 +1,24 @@
 """`kernorm reproduce`: the study's three experiments, trained (or reused) and reported.
 
-Each experiment is an ordinary run folder written by `kernorm.train.train`,
-at `<out>/runs/<name>`. A run folder that already holds the finished run of the
-same configuration is reused, so an interrupted or crashed reproduction picks
-up where it stopped. The report (curves, galleries, confusion matrices,
-results table) is written from the run folders at the end.
+Each experiment and seed is an ordinary run folder written by
+`kernorm.train.train`, at `<out>/runs/<name>-seed<N>`, trained as `kernorm
+sweep` trains its runs. A run folder that already holds the finished run of
+the same configuration is reused, so an interrupted or crashed reproduction
+picks up where it stopped. The study's report (curves, galleries, confusion
+matrices, results table) is written from the seed-1 runs at the end; with
+several seeds, `kernorm.findings` adds the statistical report in
+`<out>/statistics`.
 """
 
 import dataclasses
 import os
 
-from kernorm import reports
+from kernorm import findings, reports
 from kernorm.data import load_mnist
 from kernorm.files import write_json, write_text
 from kernorm.models import load_model
-from kernorm.rundir import load_run, why_not_reusable
-from kernorm.train import train
+from kernorm.rundir import load_run
+from kernorm.sweep import run_all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,40 +47,41 @@ EXPERIMENTS = (
 )
 GALLERY_COUNT = 20
 CONFIG_FILE = "reproduce.json"
+STATISTICS = "statistics"
 
 
-def reproduce(config, verbose=True):
-    """Runs the study's three experiments and writes the report into `config.out`.
+def reproduce(config, jobs=None, verbose=True):
+    """Runs the study's three experiments over `config.seeds` seeds and writes the report into `config.out`.
 
-    Writes `reproduce.json`, `runs/<experiment>/` (run folders), `curves.png`,
-    `misclassified-<norm>.png`, `confusion-<norm>.png`, `results.md` and
-    `results.json`. Finished run folders of the same configuration are reused.
-    Ctrl-C during training keeps the finished epochs and raises KeyboardInterrupt.
+    Writes `reproduce.json`, `runs/<experiment>-seed<N>/` (run folders), and
+    from the seed-1 runs `curves.png`, `misclassified-<norm>.png`,
+    `confusion-<norm>.png`, `results.md` and `results.json`; with two or more
+    seeds also `statistics/` (`kernorm.findings`: every experiment over its
+    seeds, and each pair compared). Finished run folders of the same
+    configuration are reused. Ctrl-C keeps the finished epochs and raises
+    KeyboardInterrupt.
 
     Args:
         config: a `kernorm.config.ReproduceConfig`.
-        verbose: print what is trained or reused, and training progress.
+        jobs: training processes at once (see `kernorm.sweep.run_all`).
+        verbose: print what is trained or reused.
 
     Returns:
         The rows of `results.json`.
     """
     os.makedirs(config.out, exist_ok=True)
     write_json(os.path.join(config.out, CONFIG_FILE), dataclasses.asdict(config))
-    for number, experiment in enumerate(EXPERIMENTS, 1):
-        train_config = config.train_config(experiment)
-        reason = why_not_reusable(train_config)
-        if verbose:
-            action = "reusing the finished run" if reason is None else f"training ({reason})"
-            print(f"[{number}/{len(EXPERIMENTS)}] {experiment.name}: {action} in {train_config.run_dir}", flush=True)
-        if reason is not None:
-            metrics = train(train_config, overwrite=True, verbose=verbose)
-            if metrics["interrupted"]:
-                raise KeyboardInterrupt
+    runs = [config.train_config(e, seed) for seed in range(1, config.seeds + 1) for e in EXPERIMENTS]
+    run_all(runs, jobs, verbose)
+    if config.seeds > 1:
+        cells = {e.name: [config.train_config(e, seed) for seed in range(1, config.seeds + 1)] for e in EXPERIMENTS}
+        pairs = [(a.name, b.name) for i, a in enumerate(EXPERIMENTS) for b in EXPERIMENTS[i + 1:]]
+        findings.write_report(os.path.join(config.out, STATISTICS), cells, pairs, title="The study over seeds")
     return write_report(config)
 
 
 def write_report(config):
-    """Writes the figures and results of the experiments' run folders into `config.out`; returns the rows."""
+    """Writes the figures and results of the seed-1 run folders into `config.out`; returns the rows."""
     runs = [load_run(config.train_config(e).run_dir) for e in EXPERIMENTS]
     _, (x_test, y_test) = load_mnist(config.data_dir)
     reports.save_figure(reports.draw_curves(runs), os.path.join(config.out, "curves.png"))
@@ -101,6 +105,13 @@ def write_report(config):
 def results_page(config, rows):
     """`results.md`: the findings table with the study's figures beside ours, and what the report holds."""
     data = f"the first {config.limit:,} training images" if config.limit else "all 60,000 training images"
+    if config.validation:
+        data += f", the last {config.validation:,} of them held out for validation"
+    best = ("\"best\" is not reported: with a validation split no test figure picks an epoch."
+            if config.validation else "\"best\" is the best test epoch, picked on the test set as the study did.")
+    seeds = ([f"Seeds 1 to {config.seeds} of every experiment, with confidence intervals and paired comparisons: "
+              f"[results]({STATISTICS}/results.md), [findings]({STATISTICS}/findings.md).", ""]
+             if config.seeds > 1 else [])
     galleries = ", ".join(f"[{e.norm}](misclassified-{e.norm}.png)" for e in EXPERIMENTS)
     confusions = ", ".join(f"[{e.norm}](confusion-{e.norm}.png)" for e in EXPERIMENTS)
     return "\n".join([
@@ -108,11 +119,11 @@ def results_page(config, rows):
         "",
         f"Three experiments, {config.epochs} epochs each on {data} (test: all 10,000), with the study's",
         "set-up: SGD lr 0.01, momentum 0.9, batch 128, seed 1. The study's weight decay 1e-5 is our L2",
-        "coefficient 5e-6, its L1 1e-4 our L1 1e-4. Accuracies in percent; \"best\" is the best test epoch,",
-        "picked on the test set as the study did. The study's figures: its README's run, and its notebook's",
-        "last run.",
+        f"coefficient 5e-6, its L1 1e-4 our L1 1e-4. Accuracies in percent, of seed 1; {best}",
+        "The study's figures: its README's run, and its notebook's last run.",
         "",
         reports.results_markdown(rows),
+        *seeds,
         "![Learning curves](curves.png)",
         "",
         f"Misclassified test images (model after the last epoch): {galleries}. Confusion matrices: {confusions}.",

@@ -14,11 +14,12 @@ import tempfile
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kernorm import rundir
 from kernorm.backup import Backup
-from kernorm.data import load_mnist, make_dataset
+from kernorm.data import load_mnist, make_dataset, split_validation
 from kernorm.distribution import make_strategy, plan_strategy
 from kernorm.errors import KernormError
 from kernorm.files import remove_leftovers
@@ -28,14 +29,16 @@ from kernorm.steps import learning_rate, make_steps
 # Training steps run per call into the compiled graph: fewer Python round trips.
 STEPS_PER_CALL = 50
 EVAL_BATCH_SIZE = 1000
-TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+TENSORBOARD_SCALARS = ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr")
 
 
 def train(config, overwrite=False, verbose=True):
     """Trains the network `config` names (the study's by default) and writes its run folder.
 
     The folder gets `config.json`, then after every epoch `history.csv`,
-    `metrics.json` and `model.keras` (see `kernorm.rundir`). A backup after
+    `metrics.json` and `model.keras`, and the per-image test predictions of
+    the final model (and of the epoch chosen on the validation images) (see
+    `kernorm.rundir`). A backup after
     every epoch (and every `backup_every` steps) lets a killed run resume:
     rerunning the same configuration continues from the backup, which is
     deleted when the run finishes. Ctrl-C stops after keeping the finished
@@ -58,12 +61,13 @@ def train(config, overwrite=False, verbose=True):
     (x_train, y_train), test = load_mnist(config.data_dir)
     if config.limit:
         x_train, y_train = x_train[:config.limit], y_train[:config.limit]
+    train_data, validation = split_validation(x_train, y_train, config.validation)
     resume = rundir.check_run_dir(config, overwrite)
     # Only the chief writes the run folder; the other workers write the same files to scratch space.
     folder = (contextlib.nullcontext(config.run_dir) if plan.chief
               else tempfile.TemporaryDirectory(prefix="kernorm-worker-"))
     with folder as out:
-        return _train(config, plan, resume, out, (x_train, y_train), test, verbose)
+        return _train(config, plan, resume, out, train_data, {"test": test, "val": validation}, verbose)
 
 
 @dataclasses.dataclass
@@ -134,12 +138,22 @@ def _distribute(strategy, dataset):
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
-def _epoch_row(epoch, train_totals, test_totals, lr, seconds):
-    train_loss, train_correct, train_n = (float(v) for v in train_totals)
-    test_loss, test_correct, test_n = (float(v) for v in test_totals)
-    return {"epoch": epoch, "train_loss": train_loss / train_n, "train_acc": train_correct / train_n,
-            "test_loss": test_loss / test_n, "test_acc": test_correct / test_n,
-            "lr": lr, "seconds": seconds}
+def _means(prefix, totals):
+    """`{prefix_loss, prefix_acc}` from the summed `[loss, correct, count]` of a pass over a set."""
+    loss, correct, count = (float(v) for v in totals)
+    return {f"{prefix}_loss": loss / count, f"{prefix}_acc": correct / count}
+
+
+def _evaluation(strategy, images, labels):
+    """A function that returns the summed `[loss, correct, count]` of the model over `(images, labels)`."""
+    dataset = _distribute(strategy, make_dataset(images, labels, EVAL_BATCH_SIZE))
+    steps = tf.constant(math.ceil(len(images) / EVAL_BATCH_SIZE))
+    return lambda evaluate: evaluate(iter(dataset), steps)
+
+
+def _predicted_classes(model, images):
+    logits = model.predict(images[..., None].astype(np.float32), batch_size=EVAL_BATCH_SIZE, verbose=0)
+    return logits.argmax(-1).astype(np.uint8)
 
 
 def _print_start(config, plan, setup, params, resume, backup):
@@ -155,12 +169,15 @@ def _print_start(config, plan, setup, params, resume, backup):
               f"{int(backup.epoch)} epoch(s) and {int(backup.step)} step(s) done")
 
 
-def _train(config, plan, resume, out, train_data, test_data, verbose):
-    """`train` in the folder `out`: the run folder, or a non-chief worker's scratch space."""
+def _train(config, plan, resume, out, train_data, eval_data, verbose):
+    """`train` in the folder `out`: the run folder, or a non-chief worker's scratch space.
+
+    `eval_data` maps "test" and "val" to `(images, labels)`, or "val" to None.
+    """
     setup = _set_up(config, plan, train_data)
     strategy = setup.strategy
-    test_ds = _distribute(strategy, make_dataset(*test_data, EVAL_BATCH_SIZE))
-    test_steps = math.ceil(len(test_data[0]) / EVAL_BATCH_SIZE)
+    evaluations = {name: _evaluation(strategy, *data) for name, data in eval_data.items() if data is not None}
+    x_test = eval_data["test"][0]
 
     _agree_on_resuming(strategy, resume, config)
     if plan.chief and resume:
@@ -187,21 +204,30 @@ def _train(config, plan, resume, out, train_data, test_data, verbose):
                 print(f"Epoch {epoch}/{config.epochs}")
             totals, seconds = _train_epoch(config, setup, backup, epoch, every, verbose, history)
             lr = float(f"{setup.optimizer.learning_rate.numpy():.6g}")
-            row = _epoch_row(epoch, totals, setup.evaluate(iter(test_ds), tf.constant(test_steps)), lr, seconds)
+            row = {"epoch": epoch, **_means("train", totals)}
+            for name, evaluation in evaluations.items():
+                row.update(_means(name, evaluation(setup.evaluate)))
+            row.update(lr=lr, seconds=seconds)
             history.append(row)
             setup.saved_model.set_weights(setup.model.get_weights())
             rundir.write_epoch(out, history, rundir.summarize(history, params, time.perf_counter() - start, False),
                                setup.saved_model)
+            if rundir.chosen_row(history) is row:
+                rundir.write_predictions(out, rundir.CHOSEN_PREDICTIONS, _predicted_classes(setup.saved_model, x_test))
             backup.save(epoch, 0, tf.zeros(3), 0.0, history)
             if writer:
                 with writer.as_default(step=epoch):
                     for key in TENSORBOARD_SCALARS:
-                        tf.summary.scalar(key, row[key])
+                        if key in row:
+                            tf.summary.scalar(key, row[key])
             if verbose:
-                print(f"test_loss {row['test_loss']:.4f} - test_acc {row['test_acc']:.4f} - {seconds:.1f}s")
+                held_out = f"val_acc {row['val_acc']:.4f} - " if "val_acc" in row else ""
+                print(f"{held_out}test_loss {row['test_loss']:.4f} - test_acc {row['test_acc']:.4f} - {seconds:.1f}s")
     except KeyboardInterrupt:
         interrupted = True
     if not interrupted:
+        setup.saved_model.set_weights(setup.model.get_weights())  # a resumed run may train no epoch here
+        rundir.write_predictions(out, rundir.PREDICTIONS, _predicted_classes(setup.saved_model, x_test))
         backup.remove()
     metrics = rundir.summarize(history, params, time.perf_counter() - start, interrupted)
     rundir.write_metrics(out, metrics)

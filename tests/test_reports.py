@@ -9,6 +9,7 @@ from PIL import Image
 
 from kernorm import reports
 from kernorm.cli import main
+from kernorm.data import load_mnist
 from kernorm.errors import KernormError
 from kernorm.rundir import load_run
 
@@ -48,7 +49,7 @@ def test_gallery_takes_the_first_count_errors_in_order():
 def always_three_run(tiny_study, tmp_path):
     """A run folder whose model predicts class 3 for every image, with confidence e²/(e² + 9)."""
     run = str(tmp_path / "always3")
-    shutil.copytree(os.path.join(tiny_study[0], "runs", "ln-l2"), run)
+    shutil.copytree(os.path.join(tiny_study[0], "runs", "ln-l2-seed1"), run)
     model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                               keras.layers.Dense(10, kernel_initializer="zeros",
                                                  bias_initializer=keras.initializers.Constant([0, 0, 0, 2] + [0] * 6))])
@@ -56,6 +57,7 @@ def always_three_run(tiny_study, tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_gallery_command_runs_the_run_s_model(always_three_run, mnist, tmp_path, monkeypatch):
     drawn = []
     real_draw = reports.draw_gallery
@@ -83,8 +85,9 @@ def test_confusion_matrix_counts_true_rows_and_predicted_columns():
     assert "accuracy 66.67% on 6 test images" in fig.axes[0].get_title()
 
 
-def test_plot_and_compare_commands_on_run_folders(tiny_study, tmp_path):
-    runs = [os.path.join(tiny_study[0], "runs", name) for name in ("bn-l1-l2", "gn-l1")]
+@pytest.mark.slow
+def test_plot_and_compare_commands_on_run_folders(tiny_study, tmp_path, data_dir):
+    runs = [os.path.join(tiny_study[0], "runs", name) for name in ("bn-l1-l2-seed1", "gn-l1-seed1")]
     out = str(tmp_path / "figs" / "curves.png")
     result = CliRunner().invoke(main, ["plot", *runs, "--out", out])
     assert result.exit_code == 0, result.output
@@ -94,24 +97,33 @@ def test_plot_and_compare_commands_on_run_folders(tiny_study, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("| experiment | params |") and "study" not in lines[0]
-    assert [line.split(" | ")[0] for line in lines[2:]] == ["| BN + L1 + L2", "| GN + L1"]
+    assert [line.split(" | ")[0] for line in lines[2:4]] == ["| BN + L1 + L2", "| GN + L1"]
+    # Two runs are also compared image by image, from the test predictions they saved.
+    _, (_, labels) = load_mnist(data_dir)
+    right = [np.load(os.path.join(run, "test_predictions.npy")) == labels for run in runs]
+    only = [int((right[0] & ~right[1]).sum()), int((right[1] & ~right[0]).sum())]
+    assert lines[-1].startswith(f"McNemar's exact test, bn-l1-l2-seed1 against gn-l1-seed1: {only[0]} test images "
+                                f"only bn-l1-l2-seed1 gets right, {only[1]} only gn-l1-seed1")
 
 
+@pytest.mark.slow
 def test_curves_mark_each_run_s_best_test_epoch(tiny_study):
-    run = load_run(os.path.join(tiny_study[0], "runs", "ln-l2"))
+    run = load_run(os.path.join(tiny_study[0], "runs", "ln-l2-seed1"))
     fig = reports.draw_curves([run, run])
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     best = f"best test {100 * run.metrics['best_test_acc']:.2f} % (epoch {run.metrics['best_epoch']})"
-    assert labels == [f"LN + L2 (ln-l2): {best}"] * 2 + ["best test epoch"]
+    assert labels == [f"LN + L2 (ln-l2-seed1): {best}"] * 2 + ["best test epoch"]
     test_acc = fig.axes[3]
     stars = [line for line in test_acc.lines if line.get_marker() == "*"]
-    assert [tuple(s.get_xydata()[0]) for s in stars] == [(run.metrics["best_epoch"], 100 * run.metrics["best_test_acc"])] * 2
+    best_point = (run.metrics["best_epoch"], 100 * run.metrics["best_test_acc"])
+    assert [tuple(s.get_xydata()[0]) for s in stars] == [best_point] * 2
     assert [ax.get_xlabel() for ax in fig.axes] == ["", "", "epoch", "epoch"]
     assert test_acc.lines[0].get_xdata()[0] == 1  # epochs count from 1
 
 
+@pytest.mark.slow
 def test_user_errors_end_in_one_line(tiny_study, tmp_path):
-    run = os.path.join(tiny_study[0], "runs", "bn-l1-l2")
+    run = os.path.join(tiny_study[0], "runs", "bn-l1-l2-seed1")
     result = CliRunner().invoke(main, ["plot", str(tmp_path), "--out", str(tmp_path / "c.png")])
     assert result.exit_code == 1 and "is not a finished kernorm run folder (no config.json)" in result.output
     result = CliRunner().invoke(main, ["plot", run, "--out", str(tmp_path / "c.xyz")])

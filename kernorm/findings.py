@@ -1,0 +1,236 @@
+"""The statistical report of configurations trained over several seeds: tables, findings and plots.
+
+`write_report` reads the finished run folders of each cell (a configuration
+and its seeds) and writes, into the report folder:
+
+- `results.json` and `results.md`: per cell, the number of seeds and the mean,
+  standard deviation, 95 % confidence interval and every seed's value of the
+  final test accuracy, the test accuracy at the epoch chosen on validation
+  (with a validation split) and the final test loss;
+- `findings.md`: each comparison of two cells over their matched seeds in
+  words that match its numbers: the difference, its confidence interval and
+  Holm-corrected p-values, or the smallest difference these seeds could have
+  detected;
+- `seeds.png` (every seed's value per cell, with the mean and its confidence
+  interval) and `curves.png` (per cell, the mean test and validation accuracy
+  per epoch over the seeds, with their min–max band).
+"""
+
+import os
+
+import numpy as np
+from matplotlib import colormaps
+
+from kernorm import reports, stats
+from kernorm.files import write_json, write_text
+from kernorm.rundir import load_run, read_predictions, why_not_reusable
+
+# (metrics.json key, what it is called in the report, shown in percent)
+FIGURES = (("final_test_acc", "final test accuracy", True),
+           ("chosen_test_acc", "test accuracy at the epoch chosen on validation", True),
+           ("final_test_loss", "final test loss", False))
+SIGNIFICANCE = 0.05
+SEEDS_SIZE = (0.9, 5.0)  # inches per cell, height
+CURVES_SIZE = (12, 8.5)
+
+
+def finished_runs(cells):
+    """`{cell: {seed: Run}}` of the runs that have finished; unfinished and missing ones are left out."""
+    return {name: {config.seed: load_run(config.run_dir) for config in configs if why_not_reusable(config) is None}
+            for name, configs in cells.items()}
+
+
+def comparison_key(runs):
+    """The figure comparisons use: the test accuracy at the epoch chosen on validation when every run
+    has one, else the final test accuracy. Neither is chosen by a test figure."""
+    every = [run for seeds in runs.values() for run in seeds.values()]
+    return "chosen_test_acc" if every and all(run.metrics["chosen_epoch"] for run in every) else "final_test_acc"
+
+
+def cell_results(runs):
+    """Per cell: `n`, `seeds` and, per figure of `FIGURES` that its runs hold, `stats.describe`."""
+    results = {}
+    for name, seeds in runs.items():
+        entry = {"n": len(seeds), "seeds": sorted(seeds)}
+        for key, _, _ in FIGURES:
+            values = [seeds[seed].metrics[key] for seed in sorted(seeds)]
+            if values and None not in values:
+                entry[key] = stats.describe(values)
+        results[name] = entry
+    return results
+
+
+def compare(runs, pairs, key):
+    """Paired comparisons of `key` over matched seeds, in percentage points, Holm-corrected over all of them.
+
+    Args:
+        runs: `{cell: {seed: Run}}`.
+        pairs: `(a, b)` cell names; each compares b with a. Pairs with fewer
+            than two matched seeds are left out.
+        key: the metrics.json figure compared, an accuracy.
+
+    Returns:
+        A list of dicts: `a`, `b`, `seeds` and `stats.paired`'s figures, with
+        `t_p_holm` and `wilcoxon_p_holm` added.
+    """
+    rows = []
+    for a, b in pairs:
+        seeds = sorted(set(runs[a]) & set(runs[b]))
+        if len(seeds) >= 2:
+            values = [[100 * runs[cell][seed].metrics[key] for seed in seeds] for cell in (a, b)]
+            rows.append({"a": a, "b": b, "seeds": seeds, **stats.paired(*values)})
+    for test in ("t_p", "wilcoxon_p"):
+        for row, adjusted in zip(rows, stats.holm([row[test] for row in rows])):
+            row[f"{test}_holm"] = adjusted
+    return rows
+
+
+def p_text(p):
+    """A p-value as findings write it: "p = 0.004", or "p < 0.001"."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
+def finding(row, what):
+    """One comparison in words that match its numbers."""
+    d, (low, high), n = row["difference"], row["ci"], row["n"]
+    numbers = (f"{d:+.2f} points, 95 % CI [{low:+.2f}, {high:+.2f}], {p_text(row['t_p_holm'])} "
+               f"(paired t-test over {n} seeds, Holm-corrected; Wilcoxon signed-rank {p_text(row['wilcoxon_p_holm'])})")
+    if row["t_p_holm"] < SIGNIFICANCE:
+        side = "better" if d > 0 else "worse"
+        return f"- **{row['b']}** is {abs(d):.2f} points {side} than **{row['a']}** in {what}: {numbers}."
+    return (f"- No detectable difference between **{row['a']}** and **{row['b']}** in {what} with {n} seeds: "
+            f"{numbers}. These seeds could detect a difference of about {row['detectable']:.2f} points "
+            f"(with {stats.POWER:.0%} power).")
+
+
+def _cell_line(name, entry):
+    cells = [name, str(entry["n"])]
+    for key, _, percent in FIGURES:
+        figure = entry.get(key)
+        if figure is None:
+            cells += ["–", "–"]
+            continue
+        scale, digits = (100, 2) if percent else (1, 4)
+        mean = f"{scale * figure['mean']:.{digits}f}"
+        if figure["ci"]:
+            mean += f" [{scale * figure['ci'][0]:.{digits}f}, {scale * figure['ci'][1]:.{digits}f}]"
+        cells += [mean, " / ".join(f"{scale * v:.{digits}f}" for v in figure["values"])]
+    return "| " + " | ".join(cells) + " |"
+
+
+def results_markdown(title, results):
+    head = ["cell", "seeds"]
+    for _, name, percent in FIGURES:
+        head += [f"{name}{' (%)' if percent else ''}: mean [95 % CI]", "by seed"]
+    return "\n".join([f"# {title}: results", "",
+                      "Mean over the finished seeds with its 95 % confidence interval (Student t), then every "
+                      "seed's value in seed order.", "",
+                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *(_cell_line(name, entry) for name, entry in results.items()), ""])
+
+
+def findings_markdown(title, results, comparisons, key):
+    what = dict((k, name) for k, name, _ in FIGURES)[key]
+    seeds = sorted({entry["n"] for entry in results.values()})
+    lines = [f"# {title}: findings", "",
+             f"Each comparison is of the {what}, over the seeds both cells finished, as the second cell less the "
+             f"first, in percentage points. The same seed gives both cells the same initial weights and data order "
+             f"where their networks allow it. p-values are Holm-corrected over the {len(comparisons)} comparisons "
+             f"below; a difference is reported as found when the corrected paired t-test gives p < {SIGNIFICANCE}. "
+             f"With n seeds the Wilcoxon signed-rank test cannot give p below 2 / 2^n.", "",
+             f"Cells: {len(results)}; seeds per cell: {', '.join(map(str, seeds)) or 'none finished'}.", ""]
+    lines += [finding(row, what) for row in comparisons] or ["No two cells share two finished seeds yet."]
+    return "\n".join(lines) + "\n"
+
+
+def draw_seeds(runs, results, key):
+    """Every seed's `key` per cell, with the mean and its 95 % confidence interval."""
+    names = list(results)
+    fig = reports.new_figure((max(6.0, SEEDS_SIZE[0] * len(names) + 2), SEEDS_SIZE[1]))
+    ax = fig.subplots()
+    jitter = np.random.default_rng(0)
+    for x, name in enumerate(names):
+        figure = results[name].get(key)
+        if figure is None:
+            continue
+        values = 100 * np.array(figure["values"])
+        ax.scatter(x + jitter.uniform(-0.12, 0.12, len(values)), values, s=18, color="tab:blue", alpha=0.6)
+        mean = 100 * figure["mean"]
+        if figure["ci"]:
+            low, high = (100 * v for v in figure["ci"])
+            ax.errorbar(x + 0.25, mean, yerr=[[mean - low], [high - mean]], fmt="o", color="black", capsize=4)
+        else:
+            ax.plot(x + 0.25, mean, "o", color="black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(f"{dict((k, n) for k, n, _ in FIGURES)[key]} (%)")
+    ax.set_title("Each seed (blue); the mean and its 95 % CI (black)", fontsize=11)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def draw_cell_curves(runs):
+    """Per cell, the mean test (and validation) accuracy per epoch over its seeds, with the min–max band."""
+    panels = [("test_acc", "Test accuracy")]
+    if any("val_acc" in run.history[0] for seeds in runs.values() for run in seeds.values()):
+        panels.append(("val_acc", "Validation accuracy"))
+    fig = reports.new_figure(CURVES_SIZE)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cmap = colormaps["tab10" if len(runs) <= 10 else "tab20"]
+    lows, last = {column: [] for column, _ in panels}, 1
+    for index, (name, seeds) in enumerate(runs.items()):
+        epochs = min(len(run.history) for run in seeds.values())
+        last = max(last, epochs)
+        for ax, (column, _) in zip(axes, panels):
+            values = 100 * np.array([[row[column] for row in run.history[:epochs]] for run in seeds.values()])
+            x = np.arange(1, epochs + 1)
+            ax.plot(x, values.mean(0), color=cmap(index % cmap.N), linewidth=1.6, label=f"{name} ({len(seeds)} seeds)")
+            ax.fill_between(x, values.min(0), values.max(0), color=cmap(index % cmap.N), alpha=0.15, linewidth=0)
+            lows[column].append(values.mean(0)[epochs // 4:].min())
+    for ax, (column, title) in zip(axes, panels):
+        # The first epochs climb steeply; the scale starts where the last three quarters are.
+        bottom, top = min(lows[column]), ax.get_ylim()[1]
+        ax.set_ylim(bottom - 0.1 * (top - bottom), top)
+        ax.set_xticks(reports.epoch_ticks(last))
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))), frameon=False)
+    fig.suptitle("Mean over the seeds, and the band from the lowest to the highest seed")
+    return fig
+
+
+def mcnemar_line(a, b, labels):
+    """Two finished runs (`kernorm.rundir.Run`) compared image by image on the test set, in words:
+    McNemar's exact test on their final models' predictions."""
+    result = stats.mcnemar(read_predictions(a.path), read_predictions(b.path), labels)
+    names = [os.path.basename(os.path.normpath(run.path)) for run in (a, b)]
+    verdict = "a detectable difference" if result["p"] < SIGNIFICANCE else "no detectable difference"
+    return (f"McNemar's exact test, {names[0]} against {names[1]}: {result['a_only']} test images only "
+            f"{names[0]} gets right, {result['b_only']} only {names[1]} ({100 * result['accuracy_a']:.2f} % against "
+            f"{100 * result['accuracy_b']:.2f} %); {p_text(result['p'])}: {verdict}.")
+
+
+def write_report(out, cells, pairs, title):
+    """Writes the statistical report of `cells` into `out`; returns what `results.json` holds.
+
+    Args:
+        out: the report folder.
+        cells: `{cell name: TrainConfig per seed}`.
+        pairs: `(a, b)` cell names to compare, b against a.
+        title: the report's title, e.g. "Sweep".
+    """
+    runs = finished_runs(cells)
+    key = comparison_key(runs)
+    results = cell_results(runs)
+    comparisons = compare(runs, pairs, key)
+    report = {"title": title, "compared": key, "cells": results, "comparisons": comparisons}
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "results.json"), report)
+    write_text(os.path.join(out, "results.md"), results_markdown(title, results))
+    write_text(os.path.join(out, "findings.md"), findings_markdown(title, results, comparisons, key))
+    if any(runs.values()):
+        reports.save_figure(draw_seeds(runs, results, key), os.path.join(out, "seeds.png"))
+        reports.save_figure(draw_cell_curves({k: v for k, v in runs.items() if v}), os.path.join(out, "curves.png"))
+    return report

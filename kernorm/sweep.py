@@ -1,0 +1,194 @@
+"""`kernorm sweep`: a grid of training configurations, each over several seeds, and its statistical report.
+
+Every cell × seed is an ordinary run folder that `kernorm.train.train` writes,
+at `<out>/runs/<cell>-seed<N>`. A finished run is reused and an unfinished
+one resumes, so the same command can be stopped and started again at any
+time. `--jobs` runs that many training processes at once on one machine;
+`--shard K/N` runs only every N-th run from the K-th, so that a job array of
+any scheduler spreads one sweep over machines that share the folder. The
+report (`kernorm.findings`) is written from whatever runs have finished.
+"""
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import time
+
+import keras
+import tensorflow as tf
+
+from kernorm import findings, rundir
+from kernorm.config import DEFAULT_GROUPS, PRESETS
+from kernorm.data import load_mnist, split_validation
+from kernorm.errors import KernormError
+from kernorm.models import build_model
+from kernorm.train import train
+
+SWEEP_FILE = "sweep.json"
+RUNS = "runs"
+
+
+def parse_shard(text):
+    """`"K/N"` -> `(K, N)`, with 1 <= K <= N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise KernormError(f"--shard {text}: write it as K/N, e.g. 2/8 for the second of 8 parts") from None
+    if not 1 <= index <= count:
+        raise KernormError(f"--shard {text}: K must lie between 1 and N ({count})")
+    return index, count
+
+
+def cell_name(preset, config):
+    """A cell's folder name from its preset and what it trains:
+    `[<preset>-][<architecture>-]<norm>[-g<groups>][-l1_X][-l2_X][-dropout_X][-lr_X]`, naming the
+    preset unless it is the study's, and the architecture, groups and lr where they differ from it."""
+    parts = [] if preset == "study" else [preset]
+    if config.architecture != PRESETS[preset].architecture:
+        parts.append(config.architecture)
+    parts.append(config.norm)
+    if config.norm == "gn" and config.groups != DEFAULT_GROUPS:
+        parts.append(f"g{config.groups}")
+    parts += [f"{key}_{value:g}" for key, value in (("l1", config.l1), ("l2", config.l2), ("dropout", config.dropout))
+              if value]
+    if config.lr != PRESETS[preset].lr:
+        parts.append(f"lr_{config.lr:g}")
+    return "-".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One configuration of a sweep: its name, its place in the grid and its seeds' `TrainConfig`s."""
+
+    name: str
+    coordinates: dict
+    runs: tuple
+
+
+def cells_of(sweep):
+    """The sweep's cells, in grid order, each with one `TrainConfig` per seed."""
+    cells = []
+    for coordinates, config in sweep.cells():
+        name = cell_name(coordinates["preset"], config)
+        runs = tuple(dataclasses.replace(config, seed=seed, out=os.path.join(sweep.out, RUNS, f"{name}-seed{seed}"))
+                     for seed in range(1, sweep.seeds + 1))
+        cells.append(Cell(name, coordinates, runs))
+    names = [cell.name for cell in cells]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise KernormError(f"the grid makes the cell {twice[0]} twice: two of its combinations train the same "
+                           f"run (a norm without groups, or a value equal to the preset's); list each once")
+    return cells
+
+
+def seed_major(cells):
+    """All runs of the cells, every cell's seed 1 first, then seed 2, ...: a part-finished sweep has
+    the same seeds in every cell, which the paired comparisons need."""
+    return [cell.runs[seed] for seed in range(len(cells[0].runs)) for cell in cells]
+
+
+def check_cells(cells, data_dir):
+    """Raises a `KernormError` for a cell that cannot train, before anything is written:
+    a norm whose groups do not divide a layer's channels, a validation split too large."""
+    for cell in cells:
+        config = cell.runs[0]
+        build_model(architecture=config.architecture, norm=config.norm, groups=config.groups, l1=config.l1,
+                    l2=config.l2, dropout=config.dropout, dropout_layers=config.dropout_layers)
+        keras.backend.clear_session()
+    (x_train, y_train), _ = load_mnist(data_dir)
+    config = cells[0].runs[0]
+    if config.limit:
+        x_train, y_train = x_train[:config.limit], y_train[:config.limit]
+    split_validation(x_train, y_train, config.validation)
+
+
+def _start_worker(threads):
+    # Each of --jobs processes takes its share of the cores, set before TensorFlow starts.
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def train_or_resume(config):
+    """Trains one run of a sweep: resumes its unfinished run, or starts it afresh; returns its metrics."""
+    try:
+        resume = rundir.check_run_dir(config, overwrite=False)
+    except KernormError:  # a run of another grid in the folder: this grid's run replaces it
+        resume = False
+    return train(config, overwrite=not resume, verbose=False)
+
+
+def default_jobs():
+    """Training processes that run at once by default: one per two cores (see docs/sweeps.md)."""
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def run_all(runs, jobs=None, verbose=True):
+    """Trains every run of `runs` (`TrainConfig`s) that has not finished, `jobs` processes at a time
+    (default `default_jobs()`), each in a process of its own.
+
+    Finished runs are reused. Prints one line per run and the time left.
+    Ctrl-C stops every run after its finished epochs and raises KeyboardInterrupt.
+    """
+    jobs = jobs or default_jobs()
+    todo = [config for config in runs if rundir.why_not_reusable(config) is not None]
+    if verbose:
+        print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; training {len(todo)} "
+              f"in {min(jobs, max(1, len(todo)))} process(es)", flush=True)
+    if not todo:
+        return
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    start, done = time.perf_counter(), 0
+    # A fresh process per run, as `kernorm train` would be: nothing of one run's TensorFlow state
+    # reaches the next.
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_start_worker, initargs=(threads,),
+                                                max_tasks_per_child=1) as pool:
+        futures = {pool.submit(train_or_resume, config): config for config in todo}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                metrics, config = future.result(), futures[future]
+                if metrics["interrupted"]:
+                    raise KeyboardInterrupt
+                done += 1
+                if verbose:
+                    print(_progress_line(config, metrics, done, len(todo), time.perf_counter() - start, jobs),
+                          flush=True)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _progress_line(config, metrics, done, total, elapsed, jobs):
+    chosen = (f", chosen on validation {100 * metrics['chosen_test_acc']:.2f} % (epoch {metrics['chosen_epoch']})"
+              if metrics["chosen_epoch"] else "")
+    left = elapsed / done * (total - done)
+    return (f"[{done}/{total}] {os.path.basename(config.run_dir)}: final test {100 * metrics['final_test_acc']:.2f} %"
+            f"{chosen}; about {left / 60:.0f} min left")
+
+
+def sweep(config, jobs=None, shard=(1, 1), report_only=False, verbose=True):
+    """Runs this process's share of a sweep and writes the report of every finished run.
+
+    Args:
+        config: a `kernorm.config.SweepConfig`.
+        jobs: training processes at once; default `default_jobs()`.
+        shard: `(K, N)`: run only every N-th run of the grid, from the K-th.
+        report_only: train nothing, only write the report.
+        verbose: print progress.
+
+    Returns:
+        The report's `results.json` content.
+    """
+    cells = cells_of(config.check())
+    if not report_only:
+        check_cells(cells, config.data_dir)
+        os.makedirs(config.out, exist_ok=True)
+        config.save(os.path.join(config.out, SWEEP_FILE))
+        index, count = shard
+        run_all(seed_major(cells)[index - 1::count], jobs, verbose)
+    pairs = [(a, b) for i, a in enumerate(cells) for b in cells[i + 1:]
+             if sum(a.coordinates[k] != b.coordinates[k] for k in a.coordinates) == 1]
+    return findings.write_report(config.out, {cell.name: cell.runs for cell in cells},
+                                 [(a.name, b.name) for a, b in pairs], title="Sweep")
+

@@ -1,0 +1,126 @@
+"""`kernorm sweep`: the grid, its shards, bad input, the report, and a killed sweep started again."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from click.testing import CliRunner
+from helpers import TIMEOUT, kernorm_command, read_json
+
+from kernorm import sweep
+from kernorm.cli import main
+from kernorm.config import SweepConfig
+from kernorm.errors import KernormError
+
+GRID = {"norm": ["bn", "gn"], "l1": [0.0, 1e-4], "lr": [0.01, 0.05]}
+
+
+def test_cells_are_every_combination_with_names_from_what_they_train(tmp_path):
+    cells = sweep.cells_of(SweepConfig(grid=GRID, seeds=2, out=str(tmp_path)))
+    assert [cell.name for cell in cells] == ["bn", "bn-lr_0.05", "bn-l1_0.0001", "bn-l1_0.0001-lr_0.05",
+                                             "gn", "gn-lr_0.05", "gn-l1_0.0001", "gn-l1_0.0001-lr_0.05"]
+    run = cells[6].runs[1]
+    assert (run.norm, run.l1, run.lr, run.seed, run.deterministic) == ("gn", 1e-4, 0.01, 2, True)
+    assert run.run_dir == os.path.join(str(tmp_path), "runs", "gn-l1_0.0001-seed2")
+
+
+def test_a_compact_cell_keeps_its_preset_and_names_it(tmp_path):
+    cells = sweep.cells_of(SweepConfig(grid={"preset": ["study", "compact"], "norm": ["gn"], "groups": [2, 4]},
+                                       out=str(tmp_path)))
+    assert [cell.name for cell in cells] == ["gn", "gn-g4", "compact-gn-l2_0.00025", "compact-gn-g4-l2_0.00025"]
+    compact = cells[3].runs[0]
+    assert (compact.architecture, compact.groups, compact.epochs, compact.lr, compact.augment) == (
+        "compact", 4, 15, 0.1, True)
+
+
+def test_two_combinations_that_train_the_same_run_are_refused():
+    with pytest.raises(KernormError, match="the grid makes the cell ln twice"):
+        sweep.cells_of(SweepConfig(grid={"norm": ["ln"], "groups": [1, 4]}))  # LN has one group whatever is asked
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
+def test_shards_partition_the_grid_exactly(tmp_path, count):
+    runs = sweep.seed_major(sweep.cells_of(SweepConfig(grid=GRID, seeds=3, out=str(tmp_path))))
+    parts = [runs[index - 1::count] for index in range(1, count + 1)]
+    dirs = [run.run_dir for part in parts for run in part]
+    assert sorted(dirs) == sorted(run.run_dir for run in runs) and len(set(dirs)) == len(runs) == 24
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_runs_go_seed_by_seed():
+    cells = sweep.cells_of(SweepConfig(grid={"norm": ["bn", "ln"]}, seeds=2))
+    assert [(run.norm, run.seed) for run in sweep.seed_major(cells)] == [("bn", 1), ("ln", 1), ("bn", 2), ("ln", 2)]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("3/2", "--shard 3/2: K must lie between 1 and N (2)"),
+    ("0/4", "--shard 0/4: K must lie between 1 and N (4)"),
+    ("two", "--shard two: write it as K/N, e.g. 2/8 for the second of 8 parts"),
+])
+def test_bad_shards_are_one_line(text, message):
+    with pytest.raises(KernormError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sweep.parse_shard(text)
+
+
+def _grid_file(tmp_path, text):
+    path = tmp_path / "grid.json"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--norm", "bn,xn"], 2, "Invalid value for '--norm': 'xn' is not one of"),
+    (["--seeds", "0"], 2, "Invalid value for '--seeds': 0 is not in the range x>=1."),
+    (["--norm", "gn", "--groups", "3"], 1, "Error: group norm: groups=3 does not divide 10 channels"),
+    (["--shard", "3/2"], 1, "Error: --shard 3/2: K must lie between 1 and N (2)"),
+    (["--validation", "300", "--limit", "300"], 1, "Error: --validation 300: hold out fewer than the 300"),
+    (["--grid", "{bad json"], 1, "not a readable grid file"),
+    (["--grid", '{"norms": ["bn"]}'], 1, "Error: unknown sweep axis 'norms'; choose from preset, architecture"),
+    (["--grid", '{"norm": "bn"}'], 1, "Error: sweep axis 'norm' needs a non-empty list of values, not 'bn'"),
+    (["--grid", '{"l1": [0, "big"]}'], 1, "Error: sweep axis 'l1': 'big' is not a float"),
+    (["--grid", '{"norm": ["bn", "xn"]}'], 1, "Error: unknown norm 'xn'; choose one of bn, ln, gn, none"),
+])
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, data_dir, args, code, message):
+    if args[0] == "--grid":
+        args = ["--grid", _grid_file(tmp_path, args[1])]
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, ["sweep", *args, "--data-dir", data_dir, "--out", str(out)])
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and message in errors[0], result.output  # after click's usage lines, if any
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_started_again_finishes_without_training_finished_runs_again(tmp_path, data_dir):
+    out = tmp_path / "sweep"
+    command = kernorm_command("sweep", "--norm", "bn,ln", "--seeds", "2", "--epochs", "2", "--limit", "600",
+                              "--validation", "100", "--jobs", "1", "--data-dir", data_dir, "--out", out)
+    first = out / "runs" / "bn-seed1"
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + TIMEOUT
+    while not (first / "test_predictions.npy").exists():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)  # the sweep and its training process, mid-grid
+    process.wait()
+    finished = {path: os.stat(path / "model.keras").st_mtime_ns
+                for path in (out / "runs").iterdir() if (path / "test_predictions.npy").exists()}
+    assert first in finished and len(finished) < 4
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{len(finished)} of 4 runs already finished; training {4 - len(finished)}" in again.stdout
+    for path, stamp in finished.items():
+        assert os.stat(path / "model.keras").st_mtime_ns == stamp
+    results = read_json(out, "results.json")
+    assert {name: cell["n"] for name, cell in results["cells"].items()} == {"bn": 2, "ln": 2}
+    assert results["compared"] == "chosen_test_acc"
+    assert [(row["a"], row["b"], row["seeds"]) for row in results["comparisons"]] == [("bn", "ln", [1, 2])]
+    for name in ("results.md", "findings.md", "seeds.png", "curves.png", "sweep.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "sweep.json").read_text())["grid"] == {"norm": ["bn", "ln"]}
