@@ -119,8 +119,10 @@ def train_or_resume(config):
 
 
 def default_jobs():
-    """Training processes that run at once by default: one per two cores (see docs/sweeps.md)."""
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+    """Training processes that run at once by default: one per core, each with one thread. The
+    study's small convolutions keep several threads of one process from filling the cores, which
+    one process per core does (docs/sweeps.md measures it)."""
+    return len(os.sched_getaffinity(0))
 
 
 def run_all(runs, jobs=None, verbose=True):
