@@ -21,7 +21,6 @@ to `KERNORM_DATA_DIR`, else Keras's download.
 """
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -35,29 +34,11 @@ from kernorm.errors import KernormError
 from kernorm.export import LATENCY_IMAGES, THROUGHPUT_BATCH, export, latencies_us, throughput
 from kernorm.models import load_model
 from kernorm.rundir import load_run
-from kernorm.runtime import load_tflite
+from kernorm.runtime import graph_stats, load_tflite
 
 TARGET_DROP = 0.1  # points
 BATCH_1_IMAGES = {"keras": 100, "litert": 2000}  # fewer for Keras, whose predict is slow per call
 BIG_BATCH = 256
-
-
-def graph_stats(path):
-    """Op types of a `.tflite` graph, counted, and the number of pieces XNNPACK runs it in.
-
-    LiteRT lists ops only through a private method. Without the default
-    XNNPACK delegate the listing is the converted graph itself; with it, each
-    piece of the graph the delegate took shows up as one DELEGATE op.
-    """
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    def op_counts(resolver):
-        interpreter = Interpreter(model_path=path, experimental_op_resolver_type=resolver)
-        interpreter.allocate_tensors()
-        return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
-
-    return (op_counts(OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
-            op_counts(OpResolverType.AUTO)["DELEGATE"])
 
 
 def speed(model_file, export_dir, x_test, rounds):

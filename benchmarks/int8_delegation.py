@@ -15,7 +15,6 @@ download.
 """
 
 import argparse
-import collections
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from keras import layers, ops
 from kernorm.data import load_mnist
 from kernorm.errors import KernormError
 from kernorm.export import calibration_images, convert
+from kernorm.runtime import graph_stats
 
 EPSILON = 1e-5
 # f(v) for the per-image mean square v: the ways to 1/sqrt(v + ε), σ itself, and two
@@ -42,24 +42,6 @@ FORMULATIONS = {
 # Ops every formulation shares; the others are what the formulation converted to.
 COMMON_OPS = {"QUANTIZE", "CONV_2D", "MUL", "MEAN", "ADD", "FULLY_CONNECTED", "RESHAPE"}
 CALIBRATION_IMAGES = 100
-
-
-def graph_stats(path):
-    """Op types of a `.tflite` graph, counted, and the number of pieces XNNPACK runs it in.
-
-    LiteRT lists ops only through a private method. Without the default
-    XNNPACK delegate the listing is the converted graph itself; with it, each
-    piece of the graph the delegate took shows up as one DELEGATE op.
-    """
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    def op_counts(resolver):
-        interpreter = Interpreter(model_path=path, experimental_op_resolver_type=resolver)
-        interpreter.allocate_tensors()
-        return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
-
-    return (op_counts(OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
-            op_counts(OpResolverType.AUTO)["DELEGATE"])
 
 
 def small_model(f):

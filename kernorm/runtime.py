@@ -11,10 +11,11 @@ probability onto 256 levels of 1/256, rounding the small ones to zero, so
 logits.
 """
 
+import collections
 import os
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from kernorm.errors import KernormError
 
@@ -41,6 +42,26 @@ def load_tflite(path):
         raise KernormError(f"{path}: cannot read ({e.strerror}); "
                            f"pass a .tflite file written by kernorm export") from None
     return TFLiteModel(content, name=path)
+
+
+def graph_stats(path):
+    """The op types of a `.tflite` graph, counted, and the number of pieces XNNPACK runs it in.
+
+    LiteRT lists ops only through a private method. Without the default
+    XNNPACK delegate the listing is the converted graph itself; with it, each
+    piece of the graph the delegate took shows up as one DELEGATE op.
+
+    Returns:
+        `(ops, pieces)`: a `collections.Counter` of op names, and the count of
+        DELEGATE ops.
+    """
+    def op_counts(resolver):
+        interpreter = Interpreter(model_path=os.fspath(path), experimental_op_resolver_type=resolver)
+        interpreter.allocate_tensors()
+        return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+
+    return (op_counts(OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
+            op_counts(OpResolverType.AUTO)["DELEGATE"])
 
 
 class TFLiteModel:
