@@ -10,6 +10,7 @@ runtime, this module needs no TensorFlow: only Pillow and NumPy.
 import os
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from kernorm.errors import KernormError
 
@@ -57,8 +58,6 @@ def _load_array(path):
 
 
 def _load_gray(path):
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as image:
             image.load()
@@ -88,8 +87,6 @@ def fit_digit(gray, name="image"):
     Returns:
         uint8 array `(28, 28)`.
     """
-    from PIL import Image
-
     gray = np.asarray(gray, dtype=np.float32)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if border.mean() > 127.5:

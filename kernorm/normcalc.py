@@ -27,6 +27,7 @@ import csv
 import io
 import json
 
+import keras
 import numpy as np
 
 from kernorm.config import DEFAULT_GROUPS
@@ -173,8 +174,6 @@ def keras_values(norm, activations, weights, groups, norm_factory=create_norm_la
     Returns:
         `[layer-1 outputs, layer-2 inputs, layer-2 outputs]`, each `(images, channels, rows, cols)`.
     """
-    import keras
-
     channels = activations.shape[1]
     conv = keras.layers.Conv2D(channels, 1, use_bias=False,
                                kernel_initializer=keras.initializers.Constant(weights.T[None, None]))
