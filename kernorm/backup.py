@@ -4,12 +4,14 @@ Keras's `BackupAndRestore` callback serves `model.fit`; kernorm trains with a
 custom loop (Keras 3's `fit` does not run under MultiWorkerMirroredStrategy),
 so it keeps the same state itself, as TensorFlow's custom-loop guides do: a
 `tf.train.Checkpoint` of the model, the optimizer and the loop's counters,
-managed by a `tf.train.CheckpointManager` that keeps the latest one.
+managed by a `tf.train.CheckpointManager` that keeps the latest two, so that
+a damaged latest backup still leaves one to resume from.
 """
 
 import json
 import os
 import shutil
+import sys
 
 import tensorflow as tf
 
@@ -19,6 +21,10 @@ from kernorm.errors import KernormError
 def has_backup(directory):
     """Whether `directory` holds a finished backup (a checkpoint its index names)."""
     return os.path.isdir(directory) and tf.train.latest_checkpoint(directory) is not None
+
+
+# Backups kept: the latest, and the one before it in case the latest is damaged.
+KEEP = 2
 
 
 class Backup:
@@ -53,7 +59,7 @@ class Backup:
         self._checkpoint = tf.train.Checkpoint(
             model=model, optimizer=optimizer, epoch=self.epoch, step=self.step, totals=self.totals,
             seconds=self.seconds, history=self.history_json)
-        self._manager = tf.train.CheckpointManager(self._checkpoint, self.write_dir, max_to_keep=1)
+        self._manager = tf.train.CheckpointManager(self._checkpoint, self.write_dir, max_to_keep=KEEP)
 
     @property
     def history(self):
@@ -61,16 +67,29 @@ class Backup:
         return json.loads(self.history_json.numpy().decode())
 
     def restore(self):
-        """Loads the latest backup of `directory` into the model, optimizer and counters."""
-        path = tf.train.latest_checkpoint(self.directory)
-        if path is None:
+        """Loads the latest readable backup of `directory` into the model, optimizer and counters.
+
+        When the latest cannot be read, the one before it is loaded, and one
+        line on stderr says so.
+        """
+        state = tf.train.get_checkpoint_state(self.directory)
+        paths = list(reversed(state.all_model_checkpoint_paths)) if state else []
+        if not paths:
             raise KernormError(f"backup folder {self.directory} holds no backup to resume from; "
                                f"pass --overwrite to start the run afresh")
-        try:
-            self._checkpoint.restore(path).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as e:
-            raise KernormError(f"{path}: this backup does not fit the run ({type(e).__name__}); "
-                               f"pass --overwrite to start the run afresh") from None
+        failures = []
+        for path in paths:
+            try:
+                self._checkpoint.restore(path).assert_existing_objects_matched()
+            except Exception as e:  # TensorFlow's reader fails on a damaged file in many ways; each means the same
+                failures.append(f"{os.path.basename(path)}: {type(e).__name__}")
+                continue
+            if failures:
+                print(f"The latest backup in {self.directory} cannot be read ({failures[0]}); resuming from "
+                      f"the one before it, {os.path.basename(path)}", file=sys.stderr, flush=True)
+            return
+        raise KernormError(f"no backup in {self.directory} can be read or fits the run ({'; '.join(failures)}); "
+                           f"the finished epochs' files are kept; pass --overwrite to train the run afresh")
 
     def save(self, epoch, step, totals, seconds, history):
         """Backs up the model and optimizer as they are now, with the loop's position.

@@ -1,7 +1,7 @@
 """The `kernorm` command line: parses options, calls the library, prints."""
 
 import dataclasses
-import os
+import errno
 
 import click
 from click.core import ParameterSource
@@ -23,26 +23,45 @@ from kernorm.config import (
     describe_preset,
     read_grid,
 )
+from kernorm.console import VERBOSE_ENV, quiet_native_logs
 from kernorm.errors import KernormError
 
-# Quiet TensorFlow's C++ start-up banner before anything imports it.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Errors of a full, read-only or forbidden disk: the user can fix them, so one line says which file.
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
 
 
 class _Group(click.Group):
-    """Turns a KernormError into click's one-line `Error: ...` and exit status 1."""
+    """Turns a user's error into click's one-line `Error: ...` and exit status 1.
+
+    KernormError is one; so are a disk that cannot be written and an error
+    TensorFlow raises, whose first line is kept.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KernormError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if e.errno not in DISK_ERRORS:
+                raise
+            raise click.ClickException(f"cannot write {e.filename or 'a file'}: {e.strerror}; what was written "
+                                       f"before is kept; free space, or choose a writable --out") from None
+        except Exception as e:
+            if not type(e).__module__.startswith("tensorflow"):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise click.ClickException(f"TensorFlow: {first} (run with --verbose for its log)") from None
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="kernorm")
-def main():
+@click.option("--verbose", is_flag=True, envvar=VERBOSE_ENV,
+              help=f"Show TensorFlow's and LiteRT's own logs too [env: {VERBOSE_ENV}].")
+def main(verbose):
     """Normalization and regularization for a tiny CNN: train, compare, export."""
+    if not verbose:
+        quiet_native_logs()
 
 
 def _data_dir(default="Keras's download"):

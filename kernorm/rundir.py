@@ -11,12 +11,15 @@ those of the epoch chosen on it; `backup/` while the run is unfinished;
 and reusing a finished run.
 """
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import io
 import json
 import os
 import shutil
+import socket
 
 import numpy as np
 
@@ -32,6 +35,45 @@ MODEL = "model.keras"
 TENSORBOARD = "tensorboard"
 PREDICTIONS = "test_predictions.npy"
 CHOSEN_PREDICTIONS = "test_predictions_chosen.npy"
+
+
+@contextlib.contextmanager
+def locked(folder):
+    """Holds an exclusive lock on `folder` while the block runs; refuses at once if another process holds it.
+
+    The lock is an OS lock (`flock`) on the hidden file `.<name>.lock` beside
+    the folder, so it dies with its process: a killed run leaves nothing
+    stale. The file names the holder's PID and host, for the refusal's message.
+    """
+    parent, name = os.path.split(os.path.normpath(folder))
+    path = os.path.join(parent, f".{name}.lock")
+    os.makedirs(parent or ".", exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise KernormError(f"{folder} is in use by {holder}; wait for that run to end, or choose another "
+                               f"--out") from None
+        # A holder that just ended removed the file we opened: lock the file at the path instead.
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode())
+    try:
+        yield
+    finally:
+        os.remove(path)  # while still held, so no other process can lock this file and then lose it
+        os.close(fd)
+
+
+def inside(path, folder):
+    """Whether `path` is `folder` or lies within it."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def _holds_files(folder):

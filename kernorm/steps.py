@@ -23,7 +23,7 @@ def learning_rate(config, steps_per_epoch):
     steps, then falls along a half cosine to 0 at the last step.
     """
     if config.schedule == "constant":
-        return config.lr
+        return float(config.lr)  # a config.json or grid file may hold an integer; Keras takes floats only
     total = config.epochs * steps_per_epoch
     warmup = max(1, round(total * WARMUP_FRACTION))
     return keras.optimizers.schedules.CosineDecay(

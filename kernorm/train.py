@@ -62,11 +62,17 @@ def train(config, overwrite=False, verbose=True):
     if config.limit:
         x_train, y_train = x_train[:config.limit], y_train[:config.limit]
     train_data, validation = split_validation(x_train, y_train, config.validation)
-    resume = rundir.check_run_dir(config, overwrite)
-    # Only the chief writes the run folder; the other workers write the same files to scratch space.
-    folder = (contextlib.nullcontext(config.run_dir) if plan.chief
-              else tempfile.TemporaryDirectory(prefix="kernorm-worker-"))
-    with folder as out:
+    with contextlib.ExitStack() as stack:
+        # Only the chief writes the run folder, locked against other processes; the other
+        # workers write the same files to scratch space.
+        if plan.chief:
+            stack.enter_context(rundir.locked(config.run_dir))
+            if not rundir.inside(config.backup_path, config.run_dir):
+                stack.enter_context(rundir.locked(config.backup_path))
+            out = config.run_dir
+        else:
+            out = stack.enter_context(tempfile.TemporaryDirectory(prefix="kernorm-worker-"))
+        resume = rundir.check_run_dir(config, overwrite)
         return _train(config, plan, resume, out, train_data, {"test": test, "val": validation}, verbose)
 
 
@@ -255,6 +261,11 @@ def _train_epoch(config, setup, backup, epoch, every, verbose, history):
         steps = min(STEPS_PER_CALL, setup.steps_per_epoch - done, every - done % every)
         totals += setup.train_steps(iterator, tf.constant(steps))
         done += steps
+        if not math.isfinite(float(totals[0])):
+            lr = float(setup.optimizer.learning_rate.numpy())
+            raise KernormError(f"training diverged: the loss became {float(totals[0])} in epoch {epoch} by step "
+                               f"{done} (learning rate {lr:.6g}); the {epoch - 1} finished epoch(s) are kept in "
+                               f"{config.run_dir}; train again with a lower --lr and --overwrite")
         bar.update(done, [("loss", float(totals[0] / totals[2])), ("acc", float(totals[1] / totals[2]))])
         if done % every == 0 and done < setup.steps_per_epoch:
             backup.save(epoch - 1, done, totals, time.perf_counter() - t0, history)

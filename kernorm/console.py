@@ -1,0 +1,35 @@
+"""What kernorm's commands print: kernorm's own lines, not TensorFlow's or LiteRT's native logs.
+
+TensorFlow, XLA and LiteRT log from C++ straight to the process's standard
+error (file descriptor 2): start-up banners, "failed call to cuInit" on every
+machine without a GPU, converter debug lines, "Created TensorFlow Lite
+XNNPACK delegate". Some of them come before any log level can be set, so
+`quiet_native_logs` points descriptor 2 at /dev/null for the rest of the
+process and keeps Python's `sys.stderr`, where kernorm's warnings and errors
+go, on the real standard error. The CLI calls it unless `--verbose` or
+`KERNORM_VERBOSE=1` asks for everything.
+"""
+
+import logging
+import os
+import sys
+
+VERBOSE_ENV = "KERNORM_VERBOSE"
+
+
+def quiet_native_logs():
+    """Silences native logs and TensorFlow's Python warnings for the rest of this process.
+
+    Does nothing when standard error is not the process's own (under a test
+    runner that captures it).
+    """
+    if sys.stderr is not sys.__stderr__:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing and checkpoint notices
+    sys.stderr.flush()
+    real = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = sys.__stderr__ = os.fdopen(real, "w", buffering=1)
