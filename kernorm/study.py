@@ -18,7 +18,7 @@ from kernorm.data import load_mnist
 from kernorm.files import write_json, write_text
 from kernorm.models import load_model
 from kernorm.rundir import load_run
-from kernorm.sweep import run_all
+from kernorm.sweep import raise_failures, run_all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,8 @@ def reproduce(config, jobs=None, verbose=True):
     os.makedirs(config.out, exist_ok=True)
     write_json(os.path.join(config.out, CONFIG_FILE), dataclasses.asdict(config))
     runs = [config.train_config(e, seed) for seed in range(1, config.seeds + 1) for e in EXPERIMENTS]
-    run_all(runs, jobs, verbose)
+    failures = run_all(runs, jobs, verbose)
+    raise_failures(failures)  # the study's report needs every run
     if config.seeds > 1:
         cells = {e.name: [config.train_config(e, seed) for seed in range(1, config.seeds + 1)] for e in EXPERIMENTS}
         pairs = [(a.name, b.name) for i, a in enumerate(EXPERIMENTS) for b in EXPERIMENTS[i + 1:]]

@@ -129,16 +129,22 @@ def run_all(runs, jobs=None, verbose=True):
     """Trains every run of `runs` (`TrainConfig`s) that has not finished, `jobs` processes at a time
     (default `default_jobs()`), each in a process of its own.
 
-    Finished runs are reused. Prints one line per run and the time left.
-    Ctrl-C stops every run after its finished epochs and raises KeyboardInterrupt.
+    Finished runs are reused. Prints one line per run and the time left. A run
+    that fails with a user's error (it diverged, its folder is in use) does
+    not stop the others. Ctrl-C stops every run after its finished epochs and
+    raises KeyboardInterrupt.
+
+    Returns:
+        One line per failed run, naming it and the error.
     """
     jobs = jobs or default_jobs()
     todo = [config for config in runs if rundir.why_not_reusable(config) is not None]
     if verbose:
         print(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; training {len(todo)} "
               f"in {min(jobs, max(1, len(todo)))} process(es)", flush=True)
+    failures = []
     if not todo:
-        return
+        return failures
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     start, done = time.perf_counter(), 0
     # A fresh process per run, as `kernorm train` would be: nothing of one run's TensorFlow state
@@ -149,19 +155,32 @@ def run_all(runs, jobs=None, verbose=True):
         futures = {pool.submit(train_or_resume, config): config for config in todo}
         try:
             for future in concurrent.futures.as_completed(futures):
-                metrics, config = future.result(), futures[future]
-                if metrics["interrupted"]:
-                    raise KeyboardInterrupt
-                done += 1
+                config, done = futures[future], done + 1
+                try:
+                    metrics = future.result()
+                except KernormError as e:
+                    failures.append(f"{os.path.basename(config.run_dir)}: {e}")
+                    line = f"[{done}/{len(todo)}] {failures[-1]}"
+                else:
+                    if metrics["interrupted"]:
+                        raise KeyboardInterrupt
+                    line = _progress_line(config, metrics, done, len(todo), time.perf_counter() - start)
                 if verbose:
-                    print(_progress_line(config, metrics, done, len(todo), time.perf_counter() - start, jobs),
-                          flush=True)
+                    print(line, flush=True)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+    return failures
 
 
-def _progress_line(config, metrics, done, total, elapsed, jobs):
+def raise_failures(failures):
+    """Raises one `KernormError` for the runs that failed, once the report of the others is written."""
+    if failures:
+        raise KernormError(f"{len(failures)} run(s) failed; the report holds the finished ones; "
+                           f"first: {failures[0]}")
+
+
+def _progress_line(config, metrics, done, total, elapsed):
     chosen = (f", chosen on validation {100 * metrics['chosen_test_acc']:.2f} % (epoch {metrics['chosen_epoch']})"
               if metrics["chosen_epoch"] else "")
     left = elapsed / done * (total - done)
@@ -188,9 +207,12 @@ def sweep(config, jobs=None, shard=(1, 1), report_only=False, verbose=True):
         os.makedirs(config.out, exist_ok=True)
         config.save(os.path.join(config.out, SWEEP_FILE))
         index, count = shard
-        run_all(seed_major(cells)[index - 1::count], jobs, verbose)
+        failures = run_all(seed_major(cells)[index - 1::count], jobs, verbose)
     pairs = [(a, b) for i, a in enumerate(cells) for b in cells[i + 1:]
              if sum(a.coordinates[k] != b.coordinates[k] for k in a.coordinates) == 1]
-    return findings.write_report(config.out, {cell.name: cell.runs for cell in cells},
-                                 [(a.name, b.name) for a, b in pairs], title="Sweep")
+    report = findings.write_report(config.out, {cell.name: cell.runs for cell in cells},
+                                   [(a.name, b.name) for a, b in pairs], title="Sweep")
+    if not report_only:
+        raise_failures(failures)
+    return report
 

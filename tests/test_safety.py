@@ -125,8 +125,9 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, data_dir, 
     result = CliRunner().invoke(main, ["train", "--epochs", "1", "--limit", "256", "--data-dir", data_dir,
                                        "--out", str(out)])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines()[-1] == (f"Error: cannot write {out / 'history.csv'}: No space left on device; what "
-                                     f"was written before is kept; free space, or choose a writable --out")
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: cannot write {out / 'history.csv'}: No space left on device; what was written before is kept; "
+        f"free space, or choose a writable --out")
     assert (out / "config.json").is_file()
 
 

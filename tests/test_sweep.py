@@ -8,7 +8,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from helpers import TIMEOUT, kernorm_command, read_json
+from helpers import TIMEOUT, kernorm_command, read_json, run
 
 from kernorm import sweep
 from kernorm.cli import main
@@ -124,3 +124,15 @@ def test_a_killed_sweep_started_again_finishes_without_training_finished_runs_ag
     for name in ("results.md", "findings.md", "seeds.png", "curves.png", "sweep.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "sweep.json").read_text())["grid"] == {"norm": ["bn", "ln"]}
+
+
+@pytest.mark.slow
+def test_a_failed_run_does_not_stop_the_others(tmp_path, data_dir):
+    out = tmp_path / "sweep"
+    result = run(kernorm_command("sweep", "--norm", "none", "--lr", "0.01,1000", "--seeds", "1", "--epochs", "1",
+                                 "--limit", "1000", "--data-dir", data_dir, "--out", out))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "Error: 1 run(s) failed; the report holds the finished ones; first: none-lr_1000-seed1: training diverged")
+    assert read_json(out, "results.json")["cells"]["none"]["n"] == 1
+    assert read_json(out, "results.json")["cells"]["none-lr_1000"]["n"] == 0
