@@ -79,6 +79,11 @@ class TrainConfig:
             check_choice(what, value, choices)
         return self
 
+    def network(self):
+        """The keyword arguments of `kernorm.models.build_model` that build this run's network."""
+        return dict(architecture=self.architecture, norm=self.norm, groups=self.groups, l1=self.l1, l2=self.l2,
+                    dropout=self.dropout, dropout_layers=self.dropout_layers)
+
     @property
     def run_dir(self):
         """The run folder: `out`, or `runs/[<architecture>-]<norm>[-l1_X][-l2_X]-seed<seed>`

@@ -92,9 +92,7 @@ def check_cells(cells, data_dir):
     """Raises a `KernormError` for a cell that cannot train, before anything is written:
     a norm whose groups do not divide a layer's channels, a validation split too large."""
     for cell in cells:
-        config = cell.runs[0]
-        build_model(architecture=config.architecture, norm=config.norm, groups=config.groups, l1=config.l1,
-                    l2=config.l2, dropout=config.dropout, dropout_layers=config.dropout_layers)
+        build_model(**cell.runs[0].network())
         keras.backend.clear_session()
     (x_train, y_train), _ = load_mnist(data_dir)
     config = cells[0].runs[0]

@@ -108,12 +108,10 @@ def _set_up(config, plan, train_data):
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:  # for the rest of the process: TensorFlow cannot turn it off again
         tf.config.experimental.enable_op_determinism()
-    architecture = dict(architecture=config.architecture, norm=config.norm, l1=config.l1, l2=config.l2,
-                        dropout=config.dropout, dropout_layers=config.dropout_layers, groups=config.groups)
     steps_per_epoch = math.ceil(len(train_data[0]) / config.batch_size)
     with strategy.scope():  # the model and optimizer the replicas share
         with dtype_policy(config.precision):
-            model = build_model(**architecture, sync_bn=strategy.num_replicas_in_sync > 1)
+            model = build_model(**config.network(), sync_bn=strategy.num_replicas_in_sync > 1)
         optimizer = keras.optimizers.SGD(learning_rate=learning_rate(config, steps_per_epoch),
                                          momentum=config.momentum)
         if config.precision == "mixed_float16":  # float16 gradients underflow without loss scaling
@@ -121,7 +119,7 @@ def _set_up(config, plan, train_data):
         optimizer.build(model.trainable_variables)
         train_steps, evaluate = make_steps(model, optimizer, strategy)
     with dtype_policy("float32"):
-        saved_model = build_model(**architecture)
+        saved_model = build_model(**config.network())
     return _Setup(strategy, train_data, model, saved_model, optimizer, train_steps, evaluate, steps_per_epoch)
 
 
