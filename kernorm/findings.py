@@ -44,7 +44,7 @@ def comparison_key(runs):
     """The figure comparisons use: the test accuracy at the epoch chosen on validation when every run
     has one, else the final test accuracy. Neither is chosen by a test figure."""
     every = [run for seeds in runs.values() for run in seeds.values()]
-    return "chosen_test_acc" if every and all(run.metrics["chosen_epoch"] for run in every) else "final_test_acc"
+    return "chosen_test_acc" if every and all(run.metrics.get("chosen_epoch") for run in every) else "final_test_acc"
 
 
 def cell_results(runs):
@@ -53,7 +53,7 @@ def cell_results(runs):
     for name, seeds in runs.items():
         entry = {"n": len(seeds), "seeds": sorted(seeds)}
         for key, _, _ in FIGURES:
-            values = [seeds[seed].metrics[key] for seed in sorted(seeds)]
+            values = [seeds[seed].metrics.get(key) for seed in sorted(seeds)]  # runs of older kernorm lack some
             if values and None not in values:
                 entry[key] = stats.describe(values)
         results[name] = entry
