@@ -9,6 +9,21 @@ pytest.register_assert_rewrite("helpers")  # the shared helpers' asserts explain
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(params=["native", "xla"])
+def norm_path(request, monkeypatch):
+    """Runs a test on each training path of kernorm's norms: the C++ ops (used even with a GPU visible) and XLA."""
+    from kernorm import native
+
+    if request.param == "xla":
+        monkeypatch.setattr(native, "ops", lambda: None)
+        return
+    try:
+        native.load()
+    except native.BUILD_ERRORS as e:
+        pytest.skip(f"the C++ norm ops do not build on this machine: {e}")
+    monkeypatch.setattr(native, "ops", native.load)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     """MNIST's IDX files: KERNORM_DATA_DIR, or shared/data/mnist beside the repository."""

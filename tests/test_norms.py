@@ -4,6 +4,9 @@ The arithmetic and gradient tests run on both training paths: kernorm's C++
 ops and the XLA fallback.
 """
 
+import os
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -11,13 +14,8 @@ import tensorflow as tf
 from keras import layers
 
 from kernorm import native
+from kernorm.errors import KernormError
 from kernorm.norms import BatchNorm, GroupNorm, LayerNorm, _normalize_xla, create_norm_layer, normalize_groups
-
-
-@pytest.fixture(params=["native", "xla"])
-def both_paths(request, monkeypatch):
-    if request.param == "xla":
-        monkeypatch.setattr(native, "ops", lambda: None)
 
 
 def feature_maps(seed=0, shape=(4, 5, 5, 6)):
@@ -43,7 +41,7 @@ def numpy_group_norm(x, groups):
     return ((grouped - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
 
 
-@pytest.mark.usefixtures("both_paths")
+@pytest.mark.usefixtures("norm_path")
 def test_batch_norm_training_and_inference_match_numpy():
     x = feature_maps()
     layer = create_norm_layer("bn", 6)
@@ -58,7 +56,7 @@ def test_batch_norm_training_and_inference_match_numpy():
     np.testing.assert_allclose(layer(x, training=False), moving, atol=1e-5)
 
 
-@pytest.mark.usefixtures("both_paths")
+@pytest.mark.usefixtures("norm_path")
 @pytest.mark.parametrize("training", [True, False])
 def test_layer_norm_uses_all_of_hwc_per_sample(training):
     x = feature_maps()
@@ -71,7 +69,7 @@ def test_layer_norm_uses_all_of_hwc_per_sample(training):
     assert np.abs(np.asarray(per_pixel) - expected).max() > 0.1
 
 
-@pytest.mark.usefixtures("both_paths")
+@pytest.mark.usefixtures("norm_path")
 @pytest.mark.parametrize("training", [True, False])
 def test_group_norm_with_two_groups(training):
     x = feature_maps()
@@ -80,7 +78,7 @@ def test_group_norm_with_two_groups(training):
     np.testing.assert_allclose(layer(x, training=training), numpy_group_norm(x, 2) * gamma + beta, atol=1e-5)
 
 
-@pytest.mark.usefixtures("both_paths")
+@pytest.mark.usefixtures("norm_path")
 @pytest.mark.parametrize("ours, keras_layer", [
     (lambda: BatchNorm(momentum=0.9, epsilon=1e-5), lambda: layers.BatchNormalization(momentum=0.9, epsilon=1e-5)),
     (lambda: GroupNorm(groups=2, epsilon=1e-5), lambda: layers.GroupNormalization(groups=2, epsilon=1e-5)),
@@ -107,15 +105,60 @@ def test_layer_norm_round_trips_through_its_config():
     assert clone.input_activation is keras.activations.relu
 
 
-def test_the_native_ops_build_here():
-    # CI's machine has a compiler: the C++ path must be the one its tests and benchmarks run.
+@pytest.mark.skipif(os.environ.get(native.SWITCH) != "1", reason="KERNORM_NATIVE=1 (CI sets it) asks for the C++ ops")
+def test_kernorm_native_1_trains_with_the_cpp_ops():
     assert native.ops() is not None
+
+
+@pytest.mark.parametrize("switch, gpu, loads", [("", False, True), ("", True, False), ("0", False, False),
+                                                 ("1", True, True)])
+def test_the_switch_chooses_when_the_cpp_ops_are_used(monkeypatch, switch, gpu, loads):
+    monkeypatch.setenv(native.SWITCH, switch)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if gpu else [])
+    monkeypatch.setattr(native, "load", lambda: "library")
+    assert native.ops.__wrapped__() == ("library" if loads else None)
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(native.SWITCH, raising=False)
+    monkeypatch.setattr(native, "load", native.load.__wrapped__)  # not the library this process already loaded
+    with pytest.warns(UserWarning, match="did not build .*XLA path"):
+        assert native.ops.__wrapped__() is None
+    assert not list(tmp_path.rglob("*.so*"))  # nothing half-written left in the cache
+    monkeypatch.setenv(native.SWITCH, "1")
+    with pytest.raises(KernormError, match="did not build .*unset KERNORM_NATIVE"):
+        native.ops.__wrapped__()
+    monkeypatch.setenv(native.SWITCH, "yes")
+    with pytest.raises(KernormError, match="KERNORM_NATIVE=yes: set it to 1"):
+        native.ops.__wrapped__()
+
+
+@pytest.mark.parametrize("macros, flags", [("__AVX2__ __FMA__", ["-mavx2", "-mfma"]), ("__AVX2__", []), ("", [])],
+                         ids=["avx2-fma", "avx2-only", "neither"])
+def test_vector_flags_follow_the_cpu(tmp_path, macros, flags):
+    compiler = tmp_path / "c++"  # a compiler whose -march=native defines just these macros
+    compiler.write_text("#!/bin/sh\n" + "".join(f"echo '#define {m} 1'\n" for m in macros.split()))
+    compiler.chmod(0o755)
+    assert native._vector_flags(str(compiler)) == flags
+    assert native._vector_flags(str(tmp_path / "none")) == []
+
+
+@pytest.mark.slow
+def test_the_ops_build_without_compiler_warnings(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        library = native._build()
+    assert os.path.isfile(library)
 
 
 @pytest.mark.parametrize("shape, groups", [((1, 32 * 26 * 26, 10), 10), ((8, 26 * 26, 10), 2), ((5, 9, 12), 1)],
                          ids=["bn-several-units", "gn", "ln-less-than-a-strip"])
 @pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
-def test_native_ops_equal_the_xla_path(shape, groups, relu):
+@pytest.mark.parametrize("norm_path", ["native"], indirect=True)
+def test_native_ops_equal_the_xla_path(shape, groups, relu, norm_path):
     rng = np.random.default_rng(3)
     x = tf.constant(rng.normal(size=shape).astype("float32"))
     gamma, beta = (tf.constant(rng.normal(size=shape[-1]).astype("float32")) for _ in range(2))
@@ -133,9 +176,3 @@ def test_native_ops_equal_the_xla_path(shape, groups, relu):
         np.testing.assert_allclose(ours, xla, rtol=1e-4, atol=1e-4)
 
 
-def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    with pytest.warns(UserWarning, match="did not build .*XLA path"):
-        assert native.ops.__wrapped__() is None
-    assert not list(tmp_path.rglob("*.so*"))  # nothing half-written left in the cache
