@@ -13,6 +13,11 @@
 // The sums walk the map in strips of 16 · channels floats: lane j of a strip
 // always holds channel j % channels, and a strip is a whole number of
 // 16-float vectors, so the loops over a strip vectorize for any channel count.
+//
+// The moments come from sums of x − k, with k each row's first value of the
+// channel (the shifted-data algorithm): Σx² − (Σx)²/n in float loses the
+// variance of a map whose mean is large against its spread (a constant map of
+// 70,000 came out at 0.072, where the variance is 0), sums of x − k do not.
 
 #include <algorithm>
 #include <cmath>
@@ -56,7 +61,8 @@ struct Layout {
 template <typename Fn>
 void for_unit_ranges(OpKernelContext* ctx, const Layout& layout, Fn fn) {
   const int64_t cost = std::min(layout.row_size, kStripsPerUnit * layout.strip) * 4;  // ~4 cycles a float
-  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(layout.units(), cost, fn);
+  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
+      layout.units(), tsl::thread::ThreadPool::SchedulingParams::Adaptive(cost), fn);
 }
 
 // Lane j of a strip holds channel j % channels: per_channel repeated over a strip.
@@ -65,24 +71,27 @@ void spread_over_strip(const float* per_channel, int64_t channels, float* strip)
     std::copy(per_channel, per_channel + channels, strip + lane);
 }
 
-// Per unit and channel, Σa and Σa·b over the unit's span, into sums[unit · 2C + c] and [unit · 2C + C + c];
-// a and b each pass through a ReLU first where kReluA and kReluB say so.
+// Per unit and channel, Σa and Σa·b over the unit's span, into sums[unit · 2C + c] and [unit · 2C + C + c],
+// where a and b are first shifted by ka and kb, (rows, channels) each, and before that pass through a ReLU
+// where kReluA and kReluB say so.
 template <bool kReluA, bool kReluB>
 void channel_sums(OpKernelContext* ctx, const Layout& layout, const float* a, const float* b,
-                  std::vector<double>* sums) {
+                  const std::vector<float>& ka, const std::vector<float>& kb, std::vector<double>* sums) {
   const int64_t c = layout.channels, strip = layout.strip;
   sums->assign(layout.units() * 2 * c, 0.0);
   for_unit_ranges(ctx, layout, [&](int64_t first, int64_t last) {
-    std::vector<float> sa(strip), sab(strip);
+    std::vector<float> sa(strip), sab(strip), kka(strip), kkb(strip);
     for (int64_t unit = first; unit < last; ++unit) {
       std::fill(sa.begin(), sa.end(), 0.0f);
       std::fill(sab.begin(), sab.end(), 0.0f);
+      spread_over_strip(&ka[layout.row(unit) * c], c, kka.data());
+      spread_over_strip(&kb[layout.row(unit) * c], c, kkb.data());
       const int64_t end = layout.end(unit);
       for (int64_t i = layout.begin(unit); i < end; i += strip) {
         const int64_t n = std::min(strip, end - i);
         for (int64_t j = 0; j < n; ++j) {
-          const float av = kReluA ? std::max(a[i + j], 0.0f) : a[i + j];
-          const float bv = kReluB ? std::max(b[i + j], 0.0f) : b[i + j];
+          const float av = (kReluA ? std::max(a[i + j], 0.0f) : a[i + j]) - kka[j];
+          const float bv = (kReluB ? std::max(b[i + j], 0.0f) : b[i + j]) - kkb[j];
           sa[j] += av;
           sab[j] += av * bv;
         }
@@ -97,6 +106,17 @@ void channel_sums(OpKernelContext* ctx, const Layout& layout, const float* a, co
   });
 }
 
+// Each row's first value per channel, (rows, channels), after a ReLU if relu: the shift k of the sums.
+std::vector<float> first_values(const Layout& layout, const float* x, bool relu) {
+  std::vector<float> k(layout.rows * layout.channels);
+  for (int64_t r = 0; r < layout.rows; ++r)
+    for (int64_t ch = 0; ch < layout.channels; ++ch) {
+      const float v = x[r * layout.row_size + ch];
+      k[r * layout.channels + ch] = relu ? std::max(v, 0.0f) : v;
+    }
+  return k;
+}
+
 // Per row and channel, the units' sums added up: (rows, 2C).
 std::vector<double> row_sums(const Layout& layout, const std::vector<double>& unit_sums) {
   const int64_t width = 2 * layout.channels;
@@ -106,30 +126,36 @@ std::vector<double> row_sums(const Layout& layout, const std::vector<double>& un
   return rows;
 }
 
-// out[i] = a[i] · p[r, c] + b[i] · q[r, c] + s[r, c] over the whole map, c being i's channel and r
-// its row; p, q and s are (rows, channels). b may be null (then q is unused). kReluA passes a
-// through a ReLU first; kMaskB makes out 0 wherever b ≤ 0 (the ReLU's gradient).
+// out[i] = (a[i] − ka[r, c]) · p[r, c] + (b[i] − kb[r, c]) · q[r, c] + s[r, c] over the whole map, c being
+// i's channel and r its row; ka, p, kb, q and s are (rows, channels). b may be null (then kb and q are
+// unused). kReluA passes a through a ReLU first; kMaskB makes out 0 wherever b ≤ 0 (the ReLU's gradient).
+// The shifts keep the products small where the map's mean is large against its spread.
 template <bool kReluA, bool kMaskB>
-void affine_pass(OpKernelContext* ctx, const Layout& layout, const float* a, const float* b,
-                 const std::vector<float>& p, const std::vector<float>& q, const std::vector<float>& s,
-                 float* out) {
+void affine_pass(OpKernelContext* ctx, const Layout& layout, const float* a, const std::vector<float>& ka,
+                 const std::vector<float>& p, const float* b, const std::vector<float>& kb,
+                 const std::vector<float>& q, const std::vector<float>& s, float* out) {
   const int64_t c = layout.channels, strip = layout.strip;
   for_unit_ranges(ctx, layout, [&](int64_t first, int64_t last) {
-    std::vector<float> pp(strip), qq(strip), ss(strip);
+    std::vector<float> kka(strip), pp(strip), kkb(strip), qq(strip), ss(strip);
     for (int64_t unit = first; unit < last; ++unit) {
       const int64_t r = layout.row(unit), end = layout.end(unit);
+      spread_over_strip(&ka[r * c], c, kka.data());
       spread_over_strip(&p[r * c], c, pp.data());
       spread_over_strip(&s[r * c], c, ss.data());
-      if (b) spread_over_strip(&q[r * c], c, qq.data());
+      if (b) {
+        spread_over_strip(&kb[r * c], c, kkb.data());
+        spread_over_strip(&q[r * c], c, qq.data());
+      }
       for (int64_t i = layout.begin(unit); i < end; i += strip) {
         const int64_t n = std::min(strip, end - i);
         if (b) {
           for (int64_t j = 0; j < n; ++j) {
             const float keep = kMaskB ? static_cast<float>(b[i + j] > 0.0f) : 1.0f;
-            out[i + j] = (a[i + j] * pp[j] + b[i + j] * qq[j] + ss[j]) * keep;
+            out[i + j] = ((a[i + j] - kka[j]) * pp[j] + (b[i + j] - kkb[j]) * qq[j] + ss[j]) * keep;
           }
         } else {
-          for (int64_t j = 0; j < n; ++j) out[i + j] = (kReluA ? std::max(a[i + j], 0.0f) : a[i + j]) * pp[j] + ss[j];
+          for (int64_t j = 0; j < n; ++j)
+            out[i + j] = ((kReluA ? std::max(a[i + j], 0.0f) : a[i + j]) - kka[j]) * pp[j] + ss[j];
         }
       }
     }
@@ -162,31 +188,38 @@ class NormalizeGroups : public OpKernel {
     auto mean = mean_out->flat<float>(), var = var_out->flat<float>(), inv = inv_out->flat<float>();
 
     const float* xs = x.flat<float>().data();
+    const std::vector<float> k = first_values(layout, xs, relu_);
     std::vector<double> unit_sums;
-    (relu_ ? channel_sums<true, true> : channel_sums<false, false>)(ctx, layout, xs, xs, &unit_sums);
-    const std::vector<double> sums = row_sums(layout, unit_sums);
+    (relu_ ? channel_sums<true, true> : channel_sums<false, false>)(ctx, layout, xs, xs, k, k, &unit_sums);
+    const std::vector<double> sums = row_sums(layout, unit_sums);  // Σ(x − k) and Σ(x − k)² per row and channel
 
-    std::vector<float> scale(layout.rows * c), shift(layout.rows * c);
-    std::vector<double> s1(layout.rows * g, 0.0), s2(layout.rows * g, 0.0);  // Σx, Σx² per row and group
+    // Per row and group, over its channels, each with its own k: the mean from Σx = Σ(x − k) + n·k,
+    // then Σ(x − m)² = Σ(x − k)² + 2(k − m)·Σ(x − k) + n·(k − m)².
+    const double n = static_cast<double>(layout.positions);
+    std::vector<float> centre(layout.rows * c), scale(layout.rows * c), offset(layout.rows * c);
+    std::vector<double> s1(layout.rows * g, 0.0), s2(layout.rows * g, 0.0);  // Σx, Σ(x − m)² per row and group
     for (int64_t r = 0; r < layout.rows; ++r) {
-      for (int64_t k = 0; k < c; ++k) {
-        s1[r * g + layout.group(k)] += sums[r * 2 * c + k];
-        s2[r * g + layout.group(k)] += sums[r * 2 * c + c + k];
+      for (int64_t ch = 0; ch < c; ++ch) s1[r * g + layout.group(ch)] += sums[r * 2 * c + ch] + n * k[r * c + ch];
+      for (int64_t at = r * g; at < (r + 1) * g; ++at) mean(at) = s1[at] / layout.count;
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t at = r * g + layout.group(ch);
+        const double d = k[r * c + ch] - static_cast<double>(mean(at));
+        s2[at] += sums[r * 2 * c + c + ch] + 2.0 * d * sums[r * 2 * c + ch] + n * d * d;
       }
       for (int64_t at = r * g; at < (r + 1) * g; ++at) {
-        const double m = s1[at] / layout.count, v = std::max(s2[at] / layout.count - m * m, 0.0);
-        mean(at) = m;
+        const double v = std::max(s2[at] / layout.count, 0.0);
         var(at) = v;
         inv(at) = 1.0 / std::sqrt(v + epsilon_);
       }
-      for (int64_t k = 0; k < c; ++k) {
-        const int64_t at = r * g + layout.group(k);
-        scale[r * c + k] = gamma[k] * inv(at);
-        shift[r * c + k] = beta[k] - mean(at) * scale[r * c + k];
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t at = r * g + layout.group(ch);
+        centre[r * c + ch] = mean(at);
+        scale[r * c + ch] = gamma[ch] * inv(at);
+        offset[r * c + ch] = beta[ch];
       }
     }
-    (relu_ ? affine_pass<true, false> : affine_pass<false, false>)(ctx, layout, xs, nullptr, scale, {}, shift,
-                                                                   y->flat<float>().data());
+    (relu_ ? affine_pass<true, false> : affine_pass<false, false>)(ctx, layout, xs, centre, scale, nullptr, {}, {},
+                                                                   offset, y->flat<float>().data());
   }
 
  private:
@@ -203,7 +236,7 @@ class NormalizeGroupsGrad : public OpKernel {
   }
 
   // With x̂ = (x − m)·inv and g = dy·γ: dx = inv·(g − mean(g) − x̂·mean(g·x̂)), which is
-  // dy·γ·inv + x·a + b with a and b constant per row and group.
+  // dy·γ·inv + (x − m)·a + b with a and b constant per row and group.
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
@@ -218,36 +251,38 @@ class NormalizeGroupsGrad : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({c}), &dbeta));
 
     const float* dys = dy.flat<float>().data();
+    const float* xs = x.flat<float>().data();
+    const std::vector<float> k = first_values(layout, xs, relu_), no_shift(layout.rows * c, 0.0f);
     std::vector<double> unit_sums;
-    (relu_ ? channel_sums<false, true> : channel_sums<false, false>)(ctx, layout, dys, x.flat<float>().data(),
-                                                                     &unit_sums);
-    const std::vector<double> sums = row_sums(layout, unit_sums);  // Σdy and Σdy·x per row and channel
+    (relu_ ? channel_sums<false, true> : channel_sums<false, false>)(ctx, layout, dys, xs, no_shift, k, &unit_sums);
+    const std::vector<double> sums = row_sums(layout, unit_sums);  // Σdy and Σdy·(x − k) per row and channel
 
-    std::vector<float> scale(layout.rows * c), a(layout.rows * c), b(layout.rows * c);
+    std::vector<float> scale(layout.rows * c), a(layout.rows * c), b(layout.rows * c), centre(layout.rows * c);
     std::vector<double> dgamma_sum(c, 0.0), dbeta_sum(c, 0.0);
     std::vector<double> mean_g(layout.rows * g, 0.0), mean_gx(layout.rows * g, 0.0);  // per row and group
     for (int64_t r = 0; r < layout.rows; ++r) {
-      for (int64_t k = 0; k < c; ++k) {
-        const int64_t at = r * g + layout.group(k);
-        const double dy_sum = sums[r * 2 * c + k];
-        const double centred = sums[r * 2 * c + c + k] - mean(at) * dy_sum;  // Σ dy·(x − m)
-        mean_g[at] += gamma[k] * dy_sum / layout.count;
-        mean_gx[at] += inv(at) * gamma[k] * centred / layout.count;
-        dgamma_sum[k] += inv(at) * centred;
-        dbeta_sum[k] += dy_sum;
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t at = r * g + layout.group(ch);
+        const double dy_sum = sums[r * 2 * c + ch];
+        const double centred = sums[r * 2 * c + c + ch] + (k[r * c + ch] - mean(at)) * dy_sum;  // Σ dy·(x − m)
+        mean_g[at] += gamma[ch] * dy_sum / layout.count;
+        mean_gx[at] += inv(at) * gamma[ch] * centred / layout.count;
+        dgamma_sum[ch] += inv(at) * centred;
+        dbeta_sum[ch] += dy_sum;
       }
-      for (int64_t k = 0; k < c; ++k) {
-        const int64_t at = r * g + layout.group(k);
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t at = r * g + layout.group(ch);
         const double i = inv(at);
-        scale[r * c + k] = gamma[k] * i;
-        a[r * c + k] = -i * i * mean_gx[at];
-        b[r * c + k] = -i * mean_g[at] + i * i * mean(at) * mean_gx[at];
+        scale[r * c + ch] = gamma[ch] * i;
+        a[r * c + ch] = -i * i * mean_gx[at];
+        b[r * c + ch] = -i * mean_g[at];
+        centre[r * c + ch] = mean(at);
       }
     }
     std::copy(dgamma_sum.begin(), dgamma_sum.end(), dgamma->flat<float>().data());
     std::copy(dbeta_sum.begin(), dbeta_sum.end(), dbeta->flat<float>().data());
-    (relu_ ? affine_pass<false, true> : affine_pass<false, false>)(ctx, layout, dys, x.flat<float>().data(), scale,
-                                                                   a, b, dx->flat<float>().data());
+    (relu_ ? affine_pass<false, true> : affine_pass<false, false>)(ctx, layout, dys, no_shift, scale, xs, centre, a,
+                                                                   b, dx->flat<float>().data());
   }
 
  private:

@@ -9,7 +9,8 @@ element-wise passes cost more than the convolutions in the study's network.
 Each applies the activation before it itself (`input_activation`), so that a
 ReLU runs inside the C++ ops. `GroupNorm` and `LayerNorm` also compute
 inference their own way, one that converts to a full-integer TFLite model
-(see `normalize_for_inference`).
+(see `normalize_for_inference`). Where a case is not one these computations
+cover (each layer's docstring says which), the layer computes as Keras's does.
 """
 
 import keras
@@ -75,29 +76,30 @@ def _normalize_xla(x, gamma, beta, groups, epsilon):
 @tf.function(jit_compile=True)
 def _forward(x, gamma, beta, groups, epsilon):
     """`normalize_groups`'s output, mean and variance, and 1 / sqrt(variance + epsilon)."""
-    count = _count(x, groups)
+    count, channels = _count(x, groups), x.shape[-1]
     mean = _group_sum(tf.reduce_sum(x, 1), groups) / count
-    var = tf.maximum(_group_sum(tf.reduce_sum(tf.square(x), 1), groups) / count - tf.square(mean), 0.0)
+    # Two passes, as Keras's moments: E[x²] − E[x]² loses the variance of a map whose mean is large against its spread.
+    centred = x - _spread(mean, channels)[:, None]
+    var = _group_sum(tf.reduce_sum(tf.square(centred), 1), groups) / count
     inv = tf.math.rsqrt(var + epsilon)
-    scale = gamma * _spread(inv, x.shape[-1])
-    shift = beta - _spread(mean, x.shape[-1]) * scale
-    return x * scale[:, None] + shift[:, None], mean, var, inv
+    return centred * (gamma * _spread(inv, channels))[:, None] + beta, mean, var, inv
 
 
 @tf.function(jit_compile=True)
 def _backward(dy, x, gamma, mean, inv, groups):
     """Gradients of `normalize_groups`'s output `dy` with respect to x, gamma and beta."""
     # With x̂ = (x − m)·inv and g = dy·γ: dx = inv·(g − mean(g) − x̂·mean(g·x̂)),
-    # which is dy·scale + x·a + b with a, b constant per row and group.
+    # which is dy·scale + (x − m)·a + b with a, b constant per row and group.
     count, channels = _count(x, groups), x.shape[-1]
     inv_per_channel = _spread(inv, channels)
+    centred = x - _spread(mean, channels)[:, None]
     dy_sum = tf.reduce_sum(dy, 1)
-    dy_centred = tf.reduce_sum(dy * x, 1) - _spread(mean, channels) * dy_sum  # Σ dy·(x − m)
+    dy_centred = tf.reduce_sum(dy * centred, 1)  # Σ dy·(x − m)
     mean_g = _group_sum(gamma * dy_sum, groups) / count
     mean_gx = inv * _group_sum(gamma * dy_centred, groups) / count
     a = _spread(-tf.square(inv) * mean_gx, channels)
-    b = _spread(-inv * mean_g + tf.square(inv) * mean * mean_gx, channels)
-    dx = dy * (gamma * inv_per_channel)[:, None] + (x * a[:, None] + b[:, None])
+    b = _spread(-inv * mean_g, channels)
+    dx = dy * (gamma * inv_per_channel)[:, None] + (centred * a[:, None] + b[:, None])
     return dx, tf.reduce_sum(inv_per_channel * dy_centred, 0), tf.reduce_sum(dy_sum, 0)
 
 
@@ -117,36 +119,38 @@ def normalize_for_inference(x, gamma, beta, groups, epsilon):
     """Group normalization of `x` in the few op kinds a full-integer TFLite model runs whole.
 
     The same arithmetic as Keras's `GroupNormalization`, arranged so that its
-    TFLite conversion holds only MEAN, MUL, ADD, SUB, RSQRT and a 1×1 CONV_2D,
+    TFLite conversion holds only MEAN, SUB, MUL, ADD, RSQRT and a 1×1 CONV_2D,
     all with int8 kernels: Keras's own arrangement converts to SQUARE and NEG,
     which have none, so an int8 model would fall back to float around every
-    norm. The variance is E[x²] − E[x]². With several groups, each group's
-    means come from the per-channel spatial means through a 1×1 convolution
-    with fixed weights 1/(channels per group) within a group and 0 across
-    groups; one group takes its means over all axes at once. The output takes
-    five passes over the feature map: two means, x·x, one multiply, one add.
+    norm. The variance is the mean of (x − mean)², in two passes as Keras's
+    moments. With several groups, each group's means come from the
+    per-channel spatial means through a 1×1 convolution with fixed weights
+    1/(channels per group) within a group and 0 across groups; one group takes
+    its means over all axes at once.
 
     Args:
-        x: `(batch, height, width, channels)`.
-        gamma, beta: `(channels,)` scale and offset.
+        x: `(batch, height, width, channels)`; with `groups=1`, any rank ≥ 2
+            with the channels last.
+        gamma, beta: `(channels,)` scale and offset, or None for none.
         groups: number of channel groups; must divide the channel count.
         epsilon: added to the variance.
 
     Returns:
         `(x − mean) / sqrt(var + epsilon) · gamma + beta`, shaped like `x`.
     """
-    def group_mean(t):  # (batch, 1, 1, channels): each channel gets its group's mean of t
+    def group_mean(t):  # (batch, 1, ..., 1, channels): each channel gets its group's mean of t
         if groups == 1:  # one MEAN over everything: a single op, no group-mixing conv
-            return keras.ops.mean(t, axis=(1, 2, 3), keepdims=True)
+            return keras.ops.mean(t, axis=tuple(range(1, t.ndim)), keepdims=True)
         per_group = t.shape[-1] // groups
         same_group = np.kron(np.eye(groups), np.ones((per_group, per_group))) / per_group
         return keras.ops.conv(keras.ops.mean(t, axis=(1, 2), keepdims=True),
                               keras.ops.cast(same_group[None, None], t.dtype))
 
-    mean = group_mean(x)
-    var = group_mean(x * x) - mean * mean
-    scale = keras.ops.rsqrt(var + epsilon) * gamma
-    return x * scale + (beta - mean * scale)
+    centred = x - group_mean(x)
+    scale = keras.ops.rsqrt(group_mean(centred * centred) + epsilon)
+    if gamma is not None:
+        scale = scale * gamma
+    return centred * scale if beta is None else centred * scale + beta
 
 
 class _InputActivation:
@@ -165,37 +169,57 @@ class _InputActivation:
     def get_config(self):
         return {**super().get_config(), "input_activation": keras.activations.serialize(self.input_activation)}
 
-    def _train_normalize(self, x, groups):
-        """`normalize_groups` of `x` after the input activation, with this layer's weights."""
+    def _suits_fast_path(self, inputs):
+        """Whether `inputs` suit kernorm's own computations: channels last, and a float32, float16 or bfloat16
+        input (a float64 one keeps Keras's float64 arithmetic)."""
+        return self.axis in (-1, inputs.ndim - 1) and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16)
+
+    def _weights(self, channels):
+        """γ and β, or ones and zeros where `scale` or `center` is off."""
+        gamma = self.gamma.value if self.scale else tf.ones(channels)
+        beta = self.beta.value if self.center else tf.zeros(channels)
+        return gamma, beta
+
+    def _train_normalize(self, inputs, rows, groups):
+        """`normalize_groups` of `inputs` after the input activation, as `(rows, positions, channels)`.
+
+        Returns the output, shaped like `inputs` in the compute dtype, and the mean and variance
+        `(rows, groups)` in float32.
+        """
         relu = self.input_activation is keras.activations.relu
-        return normalize_groups(x if relu else self.input_activation(x), self.gamma.value, self.beta.value,
-                                groups, self.epsilon, relu=relu)
+        x = tf.reshape(inputs if relu else self.input_activation(inputs), (rows, -1, inputs.shape[-1]))
+        y, mean, var = normalize_groups(x, *self._weights(inputs.shape[-1]), groups, self.epsilon, relu=relu)
+        return tf.cast(tf.reshape(y, tf.shape(inputs)), self.compute_dtype), mean, var
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
 class BatchNorm(_InputActivation, layers.BatchNormalization):
     """Keras's `BatchNormalization`, trained with `normalize_groups`.
 
-    Per channel, normalizes over batch, height and width with the batch's
-    statistics in training, with the moving ones in inference; the moving
-    statistics follow `momentum` as in Keras. `synchronized=True` (statistics
-    over all replicas) trains with Keras's own computation.
+    Per channel, normalizes over all other axes with the batch's statistics in
+    training, with the moving ones in inference or when frozen
+    (`trainable=False`); the moving statistics follow `momentum` as in Keras.
+    Outputs, gradients and moving statistics are Keras's. Training takes
+    kernorm's path (`normalize_groups`: the C++ ops or XLA) when the channels
+    are the last axis, the input is float32, float16 or bfloat16, and there is
+    no mask, no `renorm` and no `synchronized`; every other case, and all of
+    inference, is Keras's own computation.
 
     Args:
         input_activation: applied to the input first (see `_InputActivation`).
         Other arguments: as Keras's `BatchNormalization`.
 
-    Input shape: `(batch, height, width, channels)`. Output shape: the same.
+    Input shape: any rank ≥ 2. Output shape: the same.
     """
 
     def call(self, inputs, training=None, mask=None):
-        if not training or self.synchronized:
+        fast = training and self.trainable and mask is None and not (self.renorm or self.synchronized)
+        if not (fast and self._suits_fast_path(inputs)):
             return super().call(self.input_activation(inputs), training=training, mask=mask)
-        channels = inputs.shape[-1]
-        y, mean, var = self._train_normalize(tf.reshape(inputs, (1, -1, channels)), channels)
+        y, mean, var = self._train_normalize(inputs, 1, inputs.shape[-1])
         for moving, batch in ((self.moving_mean, mean[0]), (self.moving_variance, var[0])):
             moving.assign(moving * self.momentum + batch * (1 - self.momentum))
-        return tf.reshape(y, tf.shape(inputs))
+        return y
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
@@ -203,40 +227,50 @@ class GroupNorm(_InputActivation, layers.GroupNormalization):
     """Keras's `GroupNormalization`, trained with `normalize_groups`, inferring with `normalize_for_inference`.
 
     Each sample is normalized with one mean and variance per group of
-    `channels / groups` channels over height and width, then scaled and shifted
-    per channel, as PyTorch's `GroupNorm(groups, C)`.
+    `channels / groups` channels over all other axes, then scaled and shifted
+    per channel, as PyTorch's `GroupNorm(groups, C)`; `groups=-1` makes one
+    group per channel (instance normalization). Outputs and gradients are
+    Keras's. With the channels last and a float32, float16 or bfloat16 input,
+    training takes kernorm's path (`normalize_groups`: the C++ ops or XLA) and
+    inference `normalize_for_inference` (rank 4, or any rank with one group);
+    every other case is Keras's own computation.
 
     Args:
         input_activation: applied to the input first (see `_InputActivation`).
         Other arguments: as Keras's `GroupNormalization`.
 
-    Input shape: `(batch, height, width, channels)`. Output shape: the same.
+    Input shape: any rank ≥ 2. Output shape: the same.
     """
 
     def call(self, inputs, training=None):
-        if not training:
-            return normalize_for_inference(self.input_activation(inputs), self.gamma, self.beta, self.groups,
-                                           self.epsilon)
-        y, _, _ = self._train_normalize(tf.reshape(inputs, (tf.shape(inputs)[0], -1, inputs.shape[-1])),
-                                        self.groups)
-        return tf.reshape(y, tf.shape(inputs))
+        if not self._suits_fast_path(inputs):
+            return super().call(self.input_activation(inputs))
+        if training:
+            return self._train_normalize(inputs, tf.shape(inputs)[0], self.groups)[0]
+        if self.groups == 1 or inputs.ndim == 4:
+            # In float32 as Keras's GroupNormalization, whatever the precision policy.
+            y = normalize_for_inference(tf.cast(self.input_activation(inputs), tf.float32), self.gamma, self.beta,
+                                        self.groups, self.epsilon)
+            return tf.cast(y, self.compute_dtype)
+        return super().call(self.input_activation(inputs))
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
 class LayerNorm(GroupNorm):
-    """Layer normalization of a feature map, as PyTorch's `GroupNorm(1, C)`.
+    """Layer normalization of a feature map, as PyTorch's `GroupNorm(1, C)`: `GroupNorm` with one group.
 
-    Each sample is normalized with one mean and variance taken over all of
-    H×W×C, then scaled and shifted per channel (2·C weights). Keras's own
-    `LayerNormalization(axis=-1)` normalizes each pixel over its channels
-    only, which is a different operation.
+    Each sample is normalized with one mean and variance taken over all its
+    values (H×W×C for a feature map), then scaled and shifted per channel (2·C
+    weights). Keras's own `LayerNormalization(axis=-1)` normalizes each pixel
+    over its channels only, which is a different operation; this layer equals
+    Keras's `GroupNormalization(groups=1)`.
 
     Args:
         epsilon: added to the variance before the square root.
-        **kwargs: `input_activation` (see `_InputActivation`) and other
-            `keras.layers.Layer` arguments (`name`, `dtype`).
+        **kwargs: `input_activation` (see `_InputActivation`) and the other
+            arguments of Keras's `GroupNormalization` but `groups`.
 
-    Input shape: `(batch, height, width, channels)`. Output shape: the same.
+    Input shape: any rank ≥ 2. Output shape: the same.
     """
 
     def __init__(self, epsilon=EPSILON, **kwargs):
