@@ -9,6 +9,8 @@ in GroupNorm's inference): the cases kernorm's networks hit must take it, so a
 silent fall back to Keras's computation fails here.
 """
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -24,6 +26,9 @@ MAP = (4, 5, 5, 6)  # (batch, height, width, channels), as the networks' feature
 REGULARIZED = {"gamma_regularizer": "l2", "beta_regularizer": "l1", "gamma_constraint": "non_neg",
                "beta_constraint": "max_norm"}
 TOLERANCE = {"float32": 2e-5, "mixed_float16": 2e-2, "mixed_bfloat16": 8e-2}
+# kernorm's layer and Keras's, each taking the remaining arguments: BN, and GN with two groups.
+PAIRS = {"bn": (BatchNorm, layers.BatchNormalization),
+         "gn": (functools.partial(GroupNorm, groups=2), functools.partial(layers.GroupNormalization, groups=2))}
 
 
 @pytest.fixture
@@ -88,6 +93,8 @@ BATCH_CASES = {  # id: (arguments, input shape)
     "no-center": ({"center": False}, MAP),
     "neither": ({"scale": False, "center": False}, MAP),
     "renorm": ({"renorm": True, "renorm_clipping": {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}}, MAP),
+    "synchronized": ({"synchronized": True}, MAP),
+    "initializers": ({"moving_mean_initializer": "ones", "moving_variance_initializer": "zeros"}, MAP),
     "regularized": (REGULARIZED, MAP),
     "pytorch-defaults": ({"momentum": 0.9, "epsilon": 1e-5}, MAP),
 }
@@ -98,13 +105,18 @@ BATCH_CASES = {  # id: (arguments, input shape)
 def test_batch_norm_equals_keras(case, training, fast_calls):
     arguments, shape = BATCH_CASES[case]
     compare(BatchNorm(**arguments), layers.BatchNormalization(**arguments), inputs(shape), training)
-    fast = training and case not in ("channels-first", "renorm")
+    fast = training and case not in ("channels-first", "renorm", "synchronized")
     assert fast_calls["normalize_groups"] == fast
 
 
 def test_frozen_batch_norm_runs_in_inference_mode_as_keras(fast_calls):
     compare(BatchNorm(), layers.BatchNormalization(), inputs(MAP), training=True, frozen=True)
     assert fast_calls["normalize_groups"] == 0
+
+
+def test_frozen_group_norm_equals_keras(fast_calls):
+    compare(GroupNorm(groups=2), layers.GroupNormalization(groups=2), inputs(MAP), training=True, frozen=True)
+    assert fast_calls["normalize_groups"] == 1  # a frozen GN computes what it does in training: no batch statistics
 
 
 def test_masked_batch_norm_leaves_masked_steps_out_as_keras(fast_calls):
@@ -147,35 +159,32 @@ def test_layer_norm_equals_keras_group_norm_with_one_group(shape, training, fast
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 @pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
-@pytest.mark.parametrize("ours, theirs", [
-    (lambda policy: BatchNorm(dtype=policy), lambda policy: layers.BatchNormalization(dtype=policy)),
-    (lambda policy: GroupNorm(groups=2, dtype=policy),
-     lambda policy: layers.GroupNormalization(groups=2, dtype=policy)),
-], ids=["bn", "gn"])
-def test_mixed_precision_equals_keras(ours, theirs, training, policy, fast_calls):
+@pytest.mark.parametrize("pair", PAIRS)
+def test_mixed_precision_equals_keras(pair, training, policy, fast_calls):
+    ours, theirs = PAIRS[pair]
     compute = keras.DTypePolicy(policy).compute_dtype
-    compare(ours(policy), theirs(policy), inputs(MAP, compute), training, tolerance=TOLERANCE[policy])
-    assert fast_calls["normalize_groups"] + fast_calls["normalize_for_inference"] >= training
+    compare(ours(dtype=policy), theirs(dtype=policy), inputs(MAP, compute), training, tolerance=TOLERANCE[policy])
+    assert fast_calls["normalize_groups"] == training
+    assert fast_calls["normalize_for_inference"] == (not training and pair == "gn")
 
 
 def outputs_and_gradients(layer, x, weights):
     """The output of `layer` training on `x`, and the gradients of Σ output·weights for x and γ, in float64."""
     with tf.GradientTape() as tape:
         tape.watch(x)
-        loss = tf.reduce_sum(tf.cast(layer(x, training=True), tf.float64) * weights)
-    return [np.asarray(t, np.float64) for t in (layer(x, training=True), *tape.gradient(loss, [x, layer.gamma]))]
+        y = tf.cast(layer(x, training=True), tf.float64)
+        loss = tf.reduce_sum(y * weights)
+    return [np.asarray(t, np.float64) for t in (y, *tape.gradient(loss, [x, layer.gamma]))]
 
 
-@pytest.mark.parametrize("ours, theirs", [
-    (BatchNorm, layers.BatchNormalization),
-    (lambda **kwargs: GroupNorm(groups=2, **kwargs), lambda **kwargs: layers.GroupNormalization(groups=2, **kwargs)),
-], ids=["bn", "gn"])
+@pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.usefixtures("norm_path")
-def test_a_large_mean_against_a_small_spread_keeps_its_variance(ours, theirs):
+def test_a_large_mean_against_a_small_spread_keeps_its_variance(pair):
     # E[x²] − E[x]² in float32 loses this variance (4) entirely: x² is 4.9e9, in steps of 512. Two-pass or shifted
     # moments keep it, to float32's steps of 0.008 near 70,000: the mean itself is rounded by up to 0.004, an
     # offset that reaches γ's gradient as 0.004·inv·Σdy, about 0.05 here. The reference is Keras's layer in
     # float64; Keras's own float32 layer is off by up to 0.011 in the output and 0.43 in γ's gradient.
+    ours, theirs = PAIRS[pair]
     x = inputs(MAP, offset=70_000.0)
     weights = np.random.default_rng(2).normal(size=MAP)
     exact = outputs_and_gradients(theirs(dtype="float64"), tf.cast(x, tf.float64), weights)
@@ -183,17 +192,17 @@ def test_a_large_mean_against_a_small_spread_keeps_its_variance(ours, theirs):
         np.testing.assert_allclose(mine, reference, rtol=1e-2, atol=0.1)
 
 
-@pytest.mark.parametrize("layer", [lambda: BatchNorm(center=False), lambda: GroupNorm(groups=2, center=False)],
-                         ids=["bn", "gn"])
+@pytest.mark.parametrize("pair", PAIRS)
 @pytest.mark.usefixtures("norm_path")
-def test_a_constant_map_normalizes_to_zero(layer):
-    y = layer()(tf.fill(MAP, 70_000.0), training=True)
+def test_a_constant_map_normalizes_to_zero(pair):
+    y = PAIRS[pair][0](center=False)(tf.fill(MAP, 70_000.0), training=True)
     np.testing.assert_array_equal(y, np.zeros(MAP))
 
 
-def test_float64_keeps_keras_arithmetic(fast_calls):
-    x = inputs(MAP, "float64")
-    compare(GroupNorm(groups=2, dtype="float64"), layers.GroupNormalization(groups=2, dtype="float64"), x, True)
+@pytest.mark.parametrize("pair", PAIRS)
+def test_float64_keeps_keras_arithmetic(pair, fast_calls):
+    ours, theirs = PAIRS[pair]
+    compare(ours(dtype="float64"), theirs(dtype="float64"), inputs(MAP, "float64"), training=True)
     assert fast_calls["normalize_groups"] == 0
 
 
