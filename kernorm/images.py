@@ -34,6 +34,7 @@ PAPER_WINDOW = 3 / 4  # median filter whose output is the paper as lit: far wide
 MIN_CONTRAST = 0.25
 LINE_SPAN = 0.9  # a component this long across the picture is a ruled line, a grid or an edge
 LINE_CONTRAST = 0.75  # lines at most this fraction of the ink's darkness are thresholded away
+LINE_WIDTH = 5  # pixels: paper lines are thinner, pen strokes wider
 SPECK = 0.03  # components smaller than this both ways are specks
 MIN_HEIGHT = 0.1  # strokes shorter than this are no digit
 # A component joins the digit before it (a 5's flag, a broken stroke) when their horizontal extents
@@ -270,6 +271,9 @@ def stroke_mask(ink):
     threshold = max(otsu / 255, MIN_CONTRAST)
     mask = ink > threshold
     lines = _long_components(ink > threshold / 2)
+    # The lines' own pixels, whose darkness is theirs: what an opening as wide as LINE_WIDTH
+    # leaves out (a digit crossing them would weigh in their median).
+    lines &= ~cv2.morphologyEx(lines.astype(np.uint8), cv2.MORPH_OPEN, np.ones((LINE_WIDTH, LINE_WIDTH))).astype(bool)
     if lines.any() and mask.any():
         line, strokes = np.median(ink[lines]), np.percentile(ink[mask], 90)
         if line < LINE_CONTRAST * strokes:
