@@ -293,12 +293,13 @@ def _long_components(mask):
 def digit_groups(mask):
     """Groups a stroke mask's connected components into digits, left to right.
 
-    Specks (smaller than `SPECK` of the picture both ways) and components that
-    touch the picture's border (a shadow's or a page's edge) are dropped. A
-    component joins the group before it when their horizontal extents overlap
-    by `MERGE_OVERLAP` of the narrower one's and they lie at most `MERGE_GAP`
-    apart vertically: the parts of one digit. Groups less than `MIN_HEIGHT`
-    of the picture tall are no digits.
+    Specks (smaller than `SPECK` of the picture both ways) are dropped, and so
+    are components that touch the picture's border (a shadow's or a page's
+    edge) unless nothing digit-like is left without them (a digit cropped
+    tight, as some of MNIST's are). A component joins the group before it when
+    their horizontal extents overlap by `MERGE_OVERLAP` of the narrower one's
+    and they lie at most `MERGE_GAP` apart vertically: the parts of one digit.
+    Groups less than `MIN_HEIGHT` of the picture tall are no digits.
 
     Args:
         mask: bool array `(h, w)` (`stroke_mask`).
@@ -309,11 +310,17 @@ def digit_groups(mask):
     """
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8))
     height, width = mask.shape
-    side = min(height, width)
+    left, top, right, bottom = stats[:, 0], stats[:, 1], stats[:, 0] + stats[:, 2], stats[:, 1] + stats[:, 3]
+    inside = (left > 0) & (top > 0) & (right < width) & (bottom < height)
+    return labels, _group(stats, inside, min(height, width)) or _group(stats, np.ones(count, bool), min(height, width))
+
+
+def _group(stats, candidates, side):
+    """`digit_groups`' groups of the components `candidates` (bool per label) whose `stats` OpenCV gave."""
     groups, boxes = [], []
-    for label in sorted(range(1, count), key=lambda i: stats[i, cv2.CC_STAT_LEFT]):
+    for label in sorted(range(1, len(stats)), key=lambda i: stats[i, cv2.CC_STAT_LEFT]):
         x, y, w, h = stats[label, :4]
-        if max(w, h) < SPECK * side or x == 0 or y == 0 or x + w == width or y + h == height:
+        if not candidates[label] or max(w, h) < SPECK * side:
             continue
         if boxes:
             left, top, right, bottom = boxes[-1]
@@ -325,7 +332,7 @@ def digit_groups(mask):
                 continue
         boxes.append([x, y, x + w, y + h])
         groups.append([label])
-    return labels, [group for group, box in zip(groups, boxes) if box[3] - box[1] >= MIN_HEIGHT * side]
+    return [group for group, box in zip(groups, boxes) if box[3] - box[1] >= MIN_HEIGHT * side]
 
 
 def fit_ink(ink):
