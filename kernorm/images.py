@@ -148,9 +148,8 @@ def fit_digit(gray, name="image"):
 
     The digit's strokes are found (`find_digits`): every digit-like group of
     strokes in the picture counts as the one digit, as every stroke of an
-    MNIST image does. They are cropped with their soft edges, and only they:
-    paper lines, specks and shadows around them stay out of the crop
-    (`fit_ink`).
+    MNIST image does. Their ink, with its soft edges and nothing else (paper
+    lines, specks and shadows around them stay out), is fitted by `fit_ink`.
 
     Args:
         gray: 2-D array of gray values in 0–255, any size.
@@ -160,7 +159,7 @@ def fit_digit(gray, name="image"):
         uint8 array `(28, 28)`.
     """
     ink, labels, groups = find_digits(gray, name)
-    return _crop(ink, np.isin(labels, sum(groups, [])))
+    return _crop(ink, np.isin(labels, [label for group in groups for label in group]))
 
 
 def fit_digits(gray, classify, max_digits=None, name="image"):
@@ -380,8 +379,9 @@ def _split(ink, region, classify):
     ys, xs = np.nonzero(region)
     height = ys.max() - ys.min() + 1
     moments = cv2.moments(region.astype(np.uint8), binaryImage=True)
+    slant = moments["mu11"] / moments["mu02"] if moments["mu02"] else 0.0
     # Each pixel's column once the group's slant is taken out, so that slanted digits come apart upright.
-    across = np.round(xs - moments["mu11"] / moments["mu02"] * (ys - moments["m01"] / moments["m00"])).astype(int)
+    across = np.round(xs - slant * (ys - moments["m01"] / moments["m00"])).astype(int)
     across -= across.min()
     width = across.max() + 1
     if width < MIN_CUT_WIDTH * height:
