@@ -25,6 +25,8 @@ QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
 DROPOUT_LAYERS = ("last", "all")
 # Channel groups of group normalization, the study's GN(2, C).
 DEFAULT_GROUPS = 2
+# The most digits `kernorm predict --digits` reads in a picture when given no number.
+MAX_DIGITS = 10
 
 
 @dataclasses.dataclass

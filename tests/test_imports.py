@@ -33,15 +33,18 @@ def test_predict_runs_without_tensorflow(tmp_path):
     np.save(tmp_path / "digit.npy", digit)
     Image.fromarray(255 - digit).resize((112, 112)).save(tmp_path / "digit.png")  # dark ink on white paper
     argv = ["predict", str(model_file), str(tmp_path / "digit.npy"), str(tmp_path / "digit.png")]
+    numbers = argv + ["--digits", "--debug-dir", str(tmp_path / "crops")]
     code = (
         "from kernorm.cli import main\n"
-        "try:\n"
-        f"    main({argv!r})\n"
-        "except SystemExit as exit:\n"
-        "    assert not exit.code, exit.code\n"
+        f"for argv in ({argv!r}, {numbers!r}):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as exit:\n"
+        "        assert not exit.code, exit.code\n"
     )
     lines = run_fresh(code)
-    assert [line.split(": ")[0].rsplit("/", 1)[-1] for line in lines[:2]] == ["digit.npy", "digit.png"]
+    assert [line.split(": ")[0].rsplit("/", 1)[-1] for line in lines[:4]] == ["digit.npy", "digit.png"] * 2
+    assert (tmp_path / "crops" / "digit.png").is_file()
     assert lines[-1] == "[]"
 
 

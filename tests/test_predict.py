@@ -88,6 +88,9 @@ def test_unreadable_images_and_wrong_arrays_give_one_clear_line(exported, tmp_pa
     np.save(tmp_path / "bright.npy", np.full((28, 28), 300.0))
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     Image.fromarray(np.full((40, 40), 255, np.uint8)).save(tmp_path / "blank.png")
+    lined = np.full((120, 160), 220, np.uint8)
+    lined[10::24] = lined[11::24] = 140  # ruled paper, no digit
+    Image.fromarray(lined).save(tmp_path / "lined.png")
     (tmp_path / "digit.gif").write_bytes(b"GIF89a")
     (tmp_path / "model.tflite").write_bytes(b"junk")
     cases = [
@@ -96,6 +99,8 @@ def test_unreadable_images_and_wrong_arrays_give_one_clear_line(exported, tmp_pa
         ([model_file, str(tmp_path / "bright.npy")], "bright.npy: pixel values run from 300.0 to 300.0"),
         ([model_file, str(tmp_path / "objects.npy")], "objects.npy: not a readable .npy array"),
         ([model_file, str(tmp_path / "blank.png")], "blank.png: blank image, no digit found"),
+        ([model_file, str(tmp_path / "lined.png"), "--digits"], "lined.png: no digit-like strokes found"),
+        ([model_file, str(tmp_path / "small.npy"), "--digits", "0"], "Invalid value for '--digits'"),
         ([model_file, str(tmp_path / "digit.gif")], "unknown image type .gif"),
         ([model_file, str(tmp_path / "missing.png")], "missing.png: not a readable image"),
         ([str(tmp_path / "model.tflite"), str(tmp_path / "small.npy")], "not a TFLite model"),
