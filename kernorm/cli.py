@@ -14,6 +14,7 @@ from kernorm.config import (
     PRECISIONS,
     PRESETS,
     QUANTIZATIONS,
+    RUNTIMES,
     SCHEDULES,
     STRATEGIES,
     ExportConfig,
@@ -349,12 +350,17 @@ _EXPORT_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Ex
               help="Largest accepted test-accuracy drop from Keras to TFLite, in points.")
 @click.option("--calibration", type=click.IntRange(min=1), default=_EXPORT_DEFAULTS["calibration"],
               show_default=True, help="Training images that calibrate the int8 model.")
+@click.option("--micro", is_flag=True,
+              help="Also run the int8 and float32 models under TensorFlow Lite Micro (it must match LiteRT's "
+                   "accuracy), measure their arena, and write each as C++ source and header [pip install "
+                   "'kernorm[micro]'].")
 @_data_dir()
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
 def export(overwrite, **options):
     """Convert a trained model to TFLite and check it on the test set with LiteRT.
 
-    RUN_OR_MODEL is a run folder of `kernorm train` or a .keras file.
+    RUN_OR_MODEL is a run folder of `kernorm train` or a .keras file. With --micro, also check it with
+    TensorFlow Lite Micro and write the C++ a microcontroller program compiles in.
     """
     from kernorm.export import export as run_export
 
@@ -368,7 +374,9 @@ def export(overwrite, **options):
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many of the most probable digits to print per image.")
-def predict(model, images, top):
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=RUNTIMES[0], show_default=True,
+              help="Interpreter: LiteRT, or TensorFlow Lite Micro's (micro; pip install 'kernorm[micro]').")
+def predict(model, images, top, runtime):
     """Classify digit images (PNG, JPEG, or 28x28 .npy) with an exported TFLite model.
 
     Pictures are fitted into 28x28 as MNIST's digits were: white on black
@@ -379,7 +387,7 @@ def predict(model, images, top):
     from kernorm.images import load_digit
     from kernorm.runtime import load_tflite, top_k
 
-    tflite = load_tflite(model)
+    tflite = load_tflite(model, runtime)
     probabilities = tflite.predict(np.stack([load_digit(path) for path in images]))
     for path, probs in zip(images, probabilities):
         ranked = ", ".join(f"{digit} ({p:.3f})" for digit, p in top_k(probs, top))
