@@ -4,7 +4,7 @@ For each run folder it exports the float32 and int8 models with `--micro`
 (through `kernorm.export.export`, into a temporary folder, so the figures are
 the ones `kernorm export --micro` records) and prints a Markdown table per
 model kind: test accuracy under Keras, LiteRT (XNNPACK) and TFLM, TFLM's
-agreement with LiteRT's built-in kernels, the tensor arena (and its head: the
+agreement with LiteRT's reference kernels, the tensor arena (and its head: the
 tensors' part, the same on any CPU; the rest is TFLM's bookkeeping, smaller on
 a 32-bit microcontroller than on this 64-bit host), the flash the model takes,
 its multiply-accumulates, and the smallest of `CLASSES` whose RAM holds the
@@ -102,7 +102,7 @@ def main():
         sys.exit(f"Error: {e}")
     for quantize, lines in rows.items():
         print(f"\n{quantize}\n")
-        print("| network | norm | Keras acc % | LiteRT acc % | TFLM acc % | TFLM agrees with LiteRT's kernels % "
+        print("| network | norm | Keras acc % | LiteRT acc % | TFLM acc % | TFLM agrees with LiteRT reference % "
               "| arena KiB | arena head KiB | flash KiB | MACs | smallest class it fits (RAM / flash) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(lines))

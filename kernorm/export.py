@@ -236,6 +236,6 @@ def micro_line(figures):
     verdict = "ok" if figures["passed"] else "FAILED"
     if "acc" not in figures:
         return f"{'':8s} TFLM: {figures['failure']}  {verdict}"
-    return (f"{'':8s} TFLM acc {100 * figures['acc']:6.2f} % (LiteRT {100 * figures['litert_acc']:.2f} %, agree "
-            f"{100 * figures['agreement']:.2f} %)  arena {figures['arena_bytes'] / 1024:5.1f} KiB  flash "
+    return (f"{'':8s} TFLM acc {100 * figures['acc']:6.2f} % (LiteRT reference {100 * figures['litert_acc']:.2f} %, "
+            f"agree {100 * figures['agreement']:.2f} %)  arena {figures['arena_bytes'] / 1024:5.1f} KiB  flash "
             f"{figures['flash_bytes'] / 1024:5.1f} KiB  {figures['macs']:,} MACs  {verdict}")

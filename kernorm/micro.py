@@ -1,7 +1,8 @@
 """Exported models on a microcontroller: TensorFlow Lite Micro (TFLM) runs, measures and embeds them.
 
 TFLM's Python package (`pip install 'kernorm[micro]'`) runs a `.tflite` model
-with the same reference kernels a Cortex-M build of TFLM runs. This module
+with TFLM's reference kernels, the C++ a microcontroller build of TFLM
+compiles unless a kernel library (CMSIS-NN, say) replaces some. This module
 checks a model with it on the test set (`check`), measures the tensor arena
 it needs, and writes the model as the C++ source and header a TFLM program
 compiles in (`c_sources`). `MicroModel` classifies images through TFLM, for
@@ -133,7 +134,7 @@ class MicroModel(TFLiteModel):
     """
 
     def __init__(self, content, name="model"):
-        super().__init__(content, name, xnnpack=False)
+        super().__init__(content, name)
         error = tflm_error(content, HOST_ARENA_BYTES)
         if error:
             raise KernormError(f"{name}: TFLM cannot run it ({error}); run it with "
@@ -153,10 +154,11 @@ class MicroModel(TFLiteModel):
 def check(flatbuffer, x_test, y_test, name="model"):
     """Runs a model under TFLM on the test set, compares it with LiteRT and measures its memory.
 
-    The comparison is with LiteRT's built-in kernels on the same file
-    (`TFLiteModel(..., xnnpack=False)`): LiteRT's XNNPACK delegate rounds
-    int8 arithmetic its own way, so its classes may differ from both on a
-    few images. The model passes when TFLM's accuracy equals LiteRT's.
+    The comparison is with LiteRT's reference kernels on the same file
+    (`TFLiteModel(..., reference=True)`), the plain C++ TFLM's kernels derive
+    from: LiteRT's optimized kernels and XNNPACK delegate round int8
+    arithmetic their own ways, so their classes may differ from both on a few
+    images. The model passes when TFLM's accuracy equals LiteRT's.
 
     Args:
         flatbuffer: the `.tflite` bytes.
@@ -175,9 +177,9 @@ def check(flatbuffer, x_test, y_test, name="model"):
     if error:
         return {"passed": False, "failure": f"TFLM cannot run it ({error})"}
     pred = MicroModel(flatbuffer, name).logits(x_test).argmax(-1)
-    litert_pred = TFLiteModel(flatbuffer, name, xnnpack=False).logits(x_test, LITERT_BATCH).argmax(-1)
+    litert_pred = TFLiteModel(flatbuffer, name, reference=True).logits(x_test, LITERT_BATCH).argmax(-1)
     acc, litert_acc = float((pred == y_test).mean()), float((litert_pred == y_test).mean())
-    failure = f"{100 * acc:.2f} % under TFLM, {100 * litert_acc:.2f} % under LiteRT"
+    failure = f"{100 * acc:.2f} % under TFLM, {100 * litert_acc:.2f} % under LiteRT's reference kernels"
     arena = smallest_arena(flatbuffer)
     ops = graph_ops(flatbuffer)
     return {
@@ -221,7 +223,7 @@ def c_sources(name, flatbuffer, arena_bytes):
     Returns:
         `{"<name>.cc": text, "<name>.h": text}`.
     """
-    model = TFLiteModel(flatbuffer, name, xnnpack=False)
+    model = TFLiteModel(flatbuffer, name)
     camel = "".join(part.capitalize() for part in name.split("_"))
     ops = sorted({op["name"] for op in graph_ops(flatbuffer)})
     array = ",\n  ".join(", ".join(f"0x{byte:02x}" for byte in flatbuffer[i:i + 12])

@@ -104,10 +104,10 @@ class TFLiteModel:
     Args:
         content: the bytes of a `.tflite` file.
         name: what error messages call the model (its path, say).
-        xnnpack: run it with LiteRT's default XNNPACK delegate (the fast
-            path); False runs LiteRT's built-in kernels alone, which round int8
-            arithmetic as TFLM's reference kernels do, where XNNPACK rounds its
-            own way (see `kernorm.micro.check`).
+        reference: run it with LiteRT's reference kernels, the plain C++ that
+            TFLM's kernels derive from, instead of its optimized kernels and
+            XNNPACK delegate, which round int8 arithmetic their own ways:
+            slower, and the arithmetic of TFLM (see `kernorm.micro.check`).
 
     Attributes:
         input_details, output_details: the interpreter's description of the
@@ -116,13 +116,13 @@ class TFLiteModel:
         num_classes: length of the output vector.
     """
 
-    def __init__(self, content, name="model", xnnpack=True):
+    def __init__(self, content, name="model", reference=False):
         self.name = name
         if len(content) < 8 or content[4:8] != TFLITE_IDENTIFIER:
             raise KernormError(f"{name}: not a TFLite model (no {TFLITE_IDENTIFIER.decode()} identifier); "
                                f"pass a .tflite file written by kernorm export")
         try:
-            resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            resolver = OpResolverType.BUILTIN_REF if reference else OpResolverType.AUTO
             self._interpreter = Interpreter(model_content=content, experimental_op_resolver_type=resolver)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
