@@ -15,6 +15,7 @@ from kernorm.config import (
     PRECISIONS,
     PRESETS,
     QUANTIZATIONS,
+    RUNTIMES,
     SCHEDULES,
     STRATEGIES,
     ExportConfig,
@@ -350,12 +351,17 @@ _EXPORT_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Ex
               help="Largest accepted test-accuracy drop from Keras to TFLite, in points.")
 @click.option("--calibration", type=click.IntRange(min=1), default=_EXPORT_DEFAULTS["calibration"],
               show_default=True, help="Training images that calibrate the int8 model.")
+@click.option("--micro", is_flag=True,
+              help="Also run the int8 and float32 models under TensorFlow Lite Micro (it must match LiteRT's "
+                   "accuracy), measure their arena, and write each as C++ source and header [pip install "
+                   "'kernorm[micro]'].")
 @_data_dir()
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
 def export(overwrite, **options):
     """Convert a trained model to TFLite and check it on the test set with LiteRT.
 
-    RUN_OR_MODEL is a run folder of `kernorm train` or a .keras file.
+    RUN_OR_MODEL is a run folder of `kernorm train` or a .keras file. With --micro, also check it with
+    TensorFlow Lite Micro and write the C++ a microcontroller program compiles in.
     """
     from kernorm.export import export as run_export
 
@@ -374,7 +380,9 @@ def export(overwrite, **options):
                    f"digit's probability [N: {MAX_DIGITS} when left out].")
 @click.option("--debug-dir", type=click.Path(file_okay=False),
               help="Write each 28x28 crop the model saw into DIR, as <image name>[-<digit>].png.")
-def predict(model, images, top, digits, debug_dir):
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=RUNTIMES[0], show_default=True,
+              help="Interpreter: LiteRT, or TensorFlow Lite Micro's (micro; pip install 'kernorm[micro]').")
+def predict(model, images, top, digits, debug_dir, runtime):
     """Classify digit images (PNG, JPEG, or 28x28 .npy) with an exported TFLite model.
 
     Pictures are fitted into 28x28 as MNIST's digits were: the strokes found
@@ -386,7 +394,7 @@ def predict(model, images, top, digits, debug_dir):
     from kernorm.images import load_digit, load_digits, save_crops
     from kernorm.runtime import load_tflite, top_k
 
-    tflite = load_tflite(model)
+    tflite = load_tflite(model, runtime)
     for path in images:
         crops = load_digits(path, tflite.predict, digits) if digits else load_digit(path)[None]
         if debug_dir:

@@ -21,6 +21,11 @@ SCHEDULES = ("constant", "onecycle")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
 QUANTIZATIONS = ("float32", "float16", "dynamic", "int8")
+# The quantizations `kernorm export --micro` also writes for TensorFlow Lite Micro, which has no
+# float16 or hybrid (int8-weight, float-activation) kernels.
+MICRO_QUANTIZATIONS = ("float32", "int8")
+# Interpreters `kernorm predict` runs a model with: LiteRT, or TensorFlow Lite Micro (`kernorm.micro`).
+RUNTIMES = ("litert", "micro")
 # "last": one Dropout after each conv block; "all": one after every conv layer.
 DROPOUT_LAYERS = ("last", "all")
 # Channel groups of group normalization, the study's GN(2, C).
@@ -154,6 +159,8 @@ class ExportConfig:
         max_drop: the largest accepted accuracy drop, TFLite below Keras, in points.
         calibration: training images that calibrate the int8 model's ranges.
         data_dir: folder of the MNIST IDX files, as for `kernorm train`.
+        micro: also check the int8 and float32 models under TensorFlow Lite Micro and write
+            each as C++ source (`kernorm.micro`).
     """
 
     model: str
@@ -162,6 +169,7 @@ class ExportConfig:
     max_drop: float = 0.3
     calibration: int = 500
     data_dir: str | None = None
+    micro: bool = False
 
     @property
     def model_file(self):
@@ -178,6 +186,17 @@ class ExportConfig:
             return QUANTIZATIONS
         check_choice("quantization", self.quantize, QUANTIZATIONS + ("all",))
         return (self.quantize,)
+
+    @property
+    def micro_quantizations(self):
+        """The quantizations also checked under TFLM and written as C++: none without `micro`."""
+        if not self.micro:
+            return ()
+        if self.quantize not in MICRO_QUANTIZATIONS + ("all",):
+            raise KernormError(f"--micro with --quantize {self.quantize}: TensorFlow Lite Micro runs the "
+                               f"{' and '.join(MICRO_QUANTIZATIONS)} models; pass --quantize "
+                               f"{', '.join(MICRO_QUANTIZATIONS)} or all")
+        return tuple(q for q in self.quantizations if q in MICRO_QUANTIZATIONS)
 
     def save(self, path):
         write_json(path, dataclasses.asdict(self))

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from kernorm.data import load_mnist
 from kernorm.errors import KernormError
-from kernorm.files import prepare_output_dir, write_bytes, write_json
+from kernorm.files import prepare_output_dir, write_bytes, write_json, write_text
 from kernorm.models import load_model
 from kernorm.runtime import TFLiteModel
 
@@ -142,9 +142,11 @@ def export(config, overwrite=False, verbose=True):
 
     Writes into `config.out_dir`: `config.json`, `model_<quantize>.tflite` for
     each model whose accuracy drop is at most `config.max_drop` points, and
-    `export.json` with the figures and pass/fail of every model. A model that
-    fails leaves no file; then, after writing `export.json`, a `KernormError`
-    names the failures.
+    `export.json` with the figures and pass/fail of every model. With
+    `config.micro`, each of `config.micro_quantizations` must also run under
+    TFLM at LiteRT's accuracy, and gets `model_<quantize>.cc` and `.h` too
+    (`kernorm.micro.c_sources`). A model that fails leaves no file; then, after
+    writing `export.json`, a `KernormError` names the failures.
 
     Args:
         config: a `kernorm.config.ExportConfig`.
@@ -154,7 +156,9 @@ def export(config, overwrite=False, verbose=True):
     Returns:
         The report also written to `export.json`.
     """
-    quantizations = config.quantizations
+    quantizations, micro_quantizations = config.quantizations, config.micro_quantizations
+    if micro_quantizations:
+        from kernorm import micro  # the optional extra: when it is missing, one line says so before any work
     if config.max_drop < 0:
         raise KernormError(f"--max-drop {config.max_drop}: the accepted drop cannot be negative")
     keras_model = load_model(config.model_file)
@@ -176,27 +180,62 @@ def export(config, overwrite=False, verbose=True):
         # Accuracies are multiples of 1/10,000; rounding keeps float noise out of the comparison.
         figures["drop_points"] = round(100 * (keras_acc - figures["tflite_acc"]), 6)
         figures["passed"] = figures["drop_points"] <= config.max_drop
-        figures["file"] = f"model_{quantize}.tflite" if figures["passed"] else None
-        if figures["passed"]:
-            write_bytes(os.path.join(out_dir, figures["file"]), flatbuffer)
-        report["models"][quantize] = figures
         if verbose:
             print(summary_line(quantize, figures, keras_acc), flush=True)
+        if quantize in micro_quantizations:
+            figures["micro"] = micro.check(flatbuffer, x_test, y_test, name=f"the {quantize} model")
+            figures["passed"] = figures["passed"] and figures["micro"]["passed"]
+            if verbose:
+                print(micro_line(figures["micro"]), flush=True)
+        stem = f"model_{quantize}"
+        figures["file"] = f"{stem}.tflite" if figures["passed"] else None
+        if figures["passed"]:
+            write_bytes(os.path.join(out_dir, figures["file"]), flatbuffer)
+        if "micro" in figures:
+            sources = micro.c_sources(stem, flatbuffer, figures["micro"]["arena_bytes"]) if figures["passed"] else {}
+            for name, text in sources.items():
+                write_text(os.path.join(out_dir, name), text)
+            figures["micro"]["files"] = sorted(sources) or None
+        report["models"][quantize] = figures
     failed = [q for q, figures in report["models"].items() if not figures["passed"]]
     report["passed"] = not failed
     write_json(os.path.join(out_dir, "export.json"), report)
     if failed:
-        drops = ", ".join(f"{q} dropped {report['models'][q]['drop_points']:.2f} points" for q in failed)
-        raise KernormError(f"accuracy check failed: {drops} (Keras {100 * keras_acc:.2f} %), more than "
-                           f"--max-drop {config.max_drop:g}; no model file written for {', '.join(failed)}, figures in "
+        raise KernormError(failure_message(report) + f"; no model file written for {', '.join(failed)}, figures in "
                            f"{os.path.join(out_dir, 'export.json')}")
     return report
 
 
+def failure_message(report):
+    """What failed in an export, in one line: the accuracy drops beyond `max_drop`, then the TFLM checks."""
+    models, max_drop = report["models"], report["max_drop"]
+    drops = [f"{q} dropped {figures['drop_points']:.2f} points" for q, figures in models.items()
+             if figures["drop_points"] > max_drop]
+    tflm = [f"{q}: {figures['micro']['failure']}" for q, figures in models.items()
+            if "micro" in figures and not figures["micro"]["passed"]]
+    parts = []
+    if drops:
+        parts.append(f"accuracy check failed: {', '.join(drops)} (Keras {100 * report['keras_acc']:.2f} %), more "
+                     f"than --max-drop {max_drop:g}")
+    if tflm:
+        parts.append(f"TFLM check failed: {', '.join(tflm)}")
+    return "; ".join(parts)
+
+
 def summary_line(quantize, figures, keras_acc):
-    """One line of a model's figures, as `kernorm export` prints them."""
+    """One line of a model's figures, as `kernorm export` prints them; the verdict is LiteRT's accuracy check."""
     verdict = "ok" if figures["passed"] else "FAILED"
     return (f"{quantize:8s} acc {100 * figures['tflite_acc']:6.2f} % (Keras {100 * keras_acc:.2f} %, "
             f"drop {figures['drop_points']:+.2f} pt, agree {100 * figures['agreement']:.2f} %)  "
             f"{figures['size_bytes'] / 1024:5.1f} KiB  batch-1 p50 {figures['latency_us_p50']:4.0f} µs "
             f"p99 {figures['latency_us_p99']:5.0f} µs  {figures['throughput_ips']:7,.0f} img/s  {verdict}")
+
+
+def micro_line(figures):
+    """One line of a model's TFLM figures (`kernorm.micro.check`), printed under its model's line."""
+    verdict = "ok" if figures["passed"] else "FAILED"
+    if "acc" not in figures:
+        return f"{'':8s} TFLM: {figures['failure']}  {verdict}"
+    return (f"{'':8s} TFLM acc {100 * figures['acc']:6.2f} % (LiteRT reference {100 * figures['litert_acc']:.2f} %, "
+            f"agree {100 * figures['agreement']:.2f} %)  arena {figures['arena_bytes'] / 1024:5.1f} KiB  flash "
+            f"{figures['flash_bytes'] / 1024:5.1f} KiB  {figures['macs']:,} MACs  {verdict}")

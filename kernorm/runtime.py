@@ -17,23 +17,28 @@ import os
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from kernorm.errors import KernormError
+from kernorm.config import RUNTIMES
+from kernorm.errors import KernormError, check_choice
 
 # A TFLite file is a FlatBuffer whose identifier, at bytes 4–8, is "TFL3".
 TFLITE_IDENTIFIER = b"TFL3"
 PIXEL_RANGE = (0, 255)
 
 
-def load_tflite(path):
+def load_tflite(path, runtime="litert"):
     """Reads a `.tflite` file into a `TFLiteModel`.
 
     Args:
         path: the file, e.g. one written by `kernorm export`.
+        runtime: one of `kernorm.config.RUNTIMES`: "litert", or "micro" for
+            TensorFlow Lite Micro's interpreter (`kernorm.micro.MicroModel`,
+            which needs the `micro` extra).
 
     Returns:
         A `TFLiteModel`. A missing, unreadable, truncated, corrupt or
         non-TFLite file raises `KernormError`.
     """
+    check_choice("runtime", runtime, RUNTIMES)
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -41,27 +46,51 @@ def load_tflite(path):
     except OSError as e:
         raise KernormError(f"{path}: cannot read ({e.strerror}); "
                            f"pass a .tflite file written by kernorm export") from None
+    if runtime == "micro":
+        from kernorm.micro import MicroModel  # TFLM is an optional extra, imported only when asked for
+
+        return MicroModel(content, name=path)
     return TFLiteModel(content, name=path)
+
+
+def graph_ops(content):
+    """The ops of a `.tflite` graph as converted, in the order they run, with their tensors' shapes.
+
+    LiteRT lists ops only through a private method; without its default
+    XNNPACK delegate the listing is the converted graph itself.
+
+    Args:
+        content: the `.tflite` bytes.
+
+    Returns:
+        One dict per op: `name` (e.g. "CONV_2D"), `inputs` and `outputs`: the
+        shapes of its tensors at batch 1, as tuples (None for an optional
+        input left out).
+    """
+    interpreter = Interpreter(model_content=content,
+                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    shapes = {t["index"]: tuple(int(d) for d in t["shape"]) for t in interpreter.get_tensor_details()}
+    return [{"name": op["op_name"], "inputs": [shapes.get(i) for i in op["inputs"]],
+             "outputs": [shapes[i] for i in op["outputs"]]} for op in interpreter._get_ops_details()]
 
 
 def graph_stats(path):
     """The op types of a `.tflite` graph, counted, and the number of pieces XNNPACK runs it in.
 
-    LiteRT lists ops only through a private method. Without the default
-    XNNPACK delegate the listing is the converted graph itself; with it, each
-    piece of the graph the delegate took shows up as one DELEGATE op.
+    With LiteRT's default XNNPACK delegate, each piece of the graph the
+    delegate took shows up as one DELEGATE op.
 
     Returns:
-        `(ops, pieces)`: a `collections.Counter` of op names, and the count of
-        DELEGATE ops.
+        `(ops, pieces)`: a `collections.Counter` of op names (see `graph_ops`),
+        and the count of DELEGATE ops.
     """
-    def op_counts(resolver):
-        interpreter = Interpreter(model_path=os.fspath(path), experimental_op_resolver_type=resolver)
-        interpreter.allocate_tensors()
-        return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
-
-    return (op_counts(OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
-            op_counts(OpResolverType.AUTO)["DELEGATE"])
+    with open(path, "rb") as f:
+        content = f.read()
+    interpreter = Interpreter(model_content=content)
+    interpreter.allocate_tensors()
+    pieces = sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
+    return collections.Counter(op["name"] for op in graph_ops(content)), pieces
 
 
 class TFLiteModel:
@@ -75,6 +104,10 @@ class TFLiteModel:
     Args:
         content: the bytes of a `.tflite` file.
         name: what error messages call the model (its path, say).
+        reference: run it with LiteRT's reference kernels, the plain C++ that
+            TFLM's kernels derive from, instead of its optimized kernels and
+            XNNPACK delegate, which round int8 arithmetic their own ways:
+            slower, and the arithmetic of TFLM (see `kernorm.micro.check`).
 
     Attributes:
         input_details, output_details: the interpreter's description of the
@@ -83,13 +116,14 @@ class TFLiteModel:
         num_classes: length of the output vector.
     """
 
-    def __init__(self, content, name="model"):
+    def __init__(self, content, name="model", reference=False):
         self.name = name
         if len(content) < 8 or content[4:8] != TFLITE_IDENTIFIER:
             raise KernormError(f"{name}: not a TFLite model (no {TFLITE_IDENTIFIER.decode()} identifier); "
                                f"pass a .tflite file written by kernorm export")
         try:
-            self._interpreter = Interpreter(model_content=content)
+            resolver = OpResolverType.BUILTIN_REF if reference else OpResolverType.AUTO
+            self._interpreter = Interpreter(model_content=content, experimental_op_resolver_type=resolver)
             self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise KernormError(f"{name}: corrupt or truncated TFLite model ({str(e).splitlines()[0]}); "

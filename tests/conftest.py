@@ -84,3 +84,16 @@ def exported(tmp_path_factory, data_dir):
     assert result.exit_code == 0, result.output
     return {"run_dir": run_dir, "export_dir": os.path.join(run_dir, "export"), "output": result.output,
             "calibration_calls": calls}
+
+
+@pytest.fixture(scope="session")
+def micro_exported(exported, tmp_path_factory, data_dir):
+    """`exported`'s model exported again in int8 with `--micro`: a dict of export_dir and output (the CLI's)."""
+    from click.testing import CliRunner
+
+    from kernorm.cli import main
+
+    out = str(tmp_path_factory.mktemp("micro") / "export")
+    result = CliRunner().invoke(main, ["export", exported["run_dir"], "--micro", "--out", out, "--data-dir", data_dir])
+    assert result.exit_code == 0, result.output
+    return {"export_dir": out, "output": result.output}

@@ -16,12 +16,14 @@ def run_fresh(code):
     return result.stdout.splitlines()
 
 
-@pytest.mark.parametrize("module", ["kernorm.config", "kernorm.cli", "kernorm.runtime", "kernorm.images"])
+@pytest.mark.parametrize("module", ["kernorm.config", "kernorm.cli", "kernorm.runtime", "kernorm.micro",
+                                    "kernorm.images"])
 def test_module_imports_no_tensorflow(module):
     assert run_fresh(f"import {module}")[-1] == "[]"
 
 
-def test_predict_runs_without_tensorflow(tmp_path):
+@pytest.mark.parametrize("runtime", ["litert", "micro"])
+def test_predict_runs_without_tensorflow(tmp_path, runtime):
     from kernorm.export import convert
     from kernorm.models import build_model
 
@@ -32,7 +34,7 @@ def test_predict_runs_without_tensorflow(tmp_path):
     digit[6:22, 12:16] = 255  # a "1"
     np.save(tmp_path / "digit.npy", digit)
     Image.fromarray(255 - digit).resize((112, 112)).save(tmp_path / "digit.png")  # dark ink on white paper
-    argv = ["predict", str(model_file), str(tmp_path / "digit.npy"), str(tmp_path / "digit.png")]
+    argv = ["predict", str(model_file), str(tmp_path / "digit.npy"), str(tmp_path / "digit.png"), "--runtime", runtime]
     numbers = argv + ["--digits", "--debug-dir", str(tmp_path / "crops")]
     code = (
         "from kernorm.cli import main\n"
