@@ -5,6 +5,7 @@ ops and the XLA fallback.
 """
 
 import os
+import shutil
 import warnings
 
 import keras
@@ -146,6 +147,7 @@ def test_vector_flags_follow_the_cpu(tmp_path, macros, flags):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="no C++ compiler on this machine")
 def test_the_ops_build_without_compiler_warnings(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with warnings.catch_warnings():
