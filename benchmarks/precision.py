@@ -39,7 +39,7 @@ def runners(x_train, y_train, steps):
             model = build_model("bn")
         optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
         train_steps, _ = make_steps(model, optimizer, strategy)
-        iterator = iter(make_dataset(x_train, y_train, BATCH, shuffle_seed=1).repeat())
+        iterator = iter(make_dataset(x_train, y_train, BATCH, seed=1).repeat())
         train_steps(iterator, tf.constant(steps))  # trace and warm up
         built[precision] = (train_steps, iterator)
     return built

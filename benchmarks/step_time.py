@@ -46,7 +46,7 @@ def step_seconds(norm, x_train, y_train, rounds, steps):
     model = build_model(norm, l2=5e-6)
     optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
     train_steps, _ = make_steps(model, optimizer, tf.distribute.get_strategy())
-    iterator = iter(make_dataset(x_train, y_train, BATCH, shuffle_seed=1).repeat())
+    iterator = iter(make_dataset(x_train, y_train, BATCH, seed=1).repeat())
     train_steps(iterator, tf.constant(steps))  # trace, compile and warm up
     times = []
     for _ in range(rounds):

@@ -115,14 +115,15 @@ def augment(images, seed):
 
     Args:
         images: float32 `(batch, H, W, 1)` raw pixels.
-        seed: int32 tensor of shape `(2,)`.
+        seed: int64 tensor of shape `(2,)`.
 
     Returns:
         The transformed batch, same shape and dtype.
     """
     n = tf.shape(images)[0]
-    angle = tf.random.stateless_uniform([n], seed, -1.0, 1.0) * (MAX_ROTATION_DEGREES * math.pi / 180)
-    shift = tf.random.stateless_uniform([n, 2], seed + 1, -MAX_SHIFT_PIXELS, MAX_SHIFT_PIXELS)
+    rotation_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    angle = tf.random.stateless_uniform([n], rotation_seed, -1.0, 1.0) * (MAX_ROTATION_DEGREES * math.pi / 180)
+    shift = tf.random.stateless_uniform([n, 2], shift_seed, -MAX_SHIFT_PIXELS, MAX_SHIFT_PIXELS)
     cos, sin = tf.cos(angle), tf.sin(angle)
     cx = (tf.cast(tf.shape(images)[2], tf.float32) - 1) / 2
     cy = (tf.cast(tf.shape(images)[1], tf.float32) - 1) / 2
@@ -155,28 +156,45 @@ def split_validation(images, labels, count):
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
 
 
-def make_dataset(images, labels, batch_size, shuffle_seed=None, augment_images=False):
+def epoch_seeds(seed, epoch):
+    """The shuffle seed and the augmentation key of one epoch of one run: two independent streams.
+
+    Both come from NumPy's `SeedSequence` over `(seed, epoch)`, which hashes
+    the pair, so no two pairs share a stream: seed r at epoch e + 1 draws
+    nothing that seed r + 1 draws at epoch e (as `seed + epoch` would).
+
+    Returns:
+        `(shuffle_seed, augment_key)`, two ints below 2**32.
+    """
+    shuffle_seed, augment_key = np.random.SeedSequence([seed, epoch]).generate_state(2)
+    return int(shuffle_seed), int(augment_key)
+
+
+def make_dataset(images, labels, batch_size, seed=None, epoch=1, augment_images=False):
     """A tf.data pipeline of `(images, labels)` batches for training or evaluation.
 
     Args:
         images: uint8 `(N, 28, 28)` array.
         labels: `(N,)` array of class indices.
         batch_size: images per batch; the last batch may be smaller.
-        shuffle_seed: shuffle every epoch from this seed; None keeps the order.
+        seed: the run's seed; the order is shuffled from the streams of
+            `epoch_seeds(seed, epoch)`. None keeps the order.
+        epoch: the epoch this pipeline serves, from 1.
         augment_images: rotate and shift every image at random (see `augment`),
-            from `shuffle_seed` and the batch's index; needs a `shuffle_seed`.
+            from the epoch's augmentation key and the batch's index; needs a `seed`.
 
     Returns:
         A `tf.data.Dataset` of float32 `(batch, 28, 28, 1)` raw pixels and int32 labels.
     """
-    if augment_images and shuffle_seed is None:
-        raise KernormError("augmentation needs a shuffle_seed: it draws from it")
+    if augment_images and seed is None:
+        raise KernormError("augmentation needs a seed: it draws from it")
     ds = tf.data.Dataset.from_tensor_slices((images[..., None], labels.astype("int32")))
-    if shuffle_seed is not None:
+    if seed is not None:
+        shuffle_seed, augment_key = epoch_seeds(seed, epoch)
         ds = ds.shuffle(len(images), seed=shuffle_seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     if augment_images:
         ds = ds.enumerate().map(
-            lambda i, batch: (augment(batch[0], tf.stack([shuffle_seed, tf.cast(i, tf.int32)])), batch[1]),
+            lambda i, batch: (augment(batch[0], tf.stack([tf.constant(augment_key, tf.int64), i])), batch[1]),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -244,13 +244,13 @@ def _train(config, plan, resume, out, train_data, eval_data, verbose):
 def _train_epoch(config, setup, backup, epoch, every, verbose, history):
     """Trains epoch `epoch` from where the backup stands; returns its `[loss, correct, count]` sums and seconds.
 
-    Each epoch shuffles with its own seed, seed + epoch, so its order is the
-    same whether the run went straight through or resumed from a backup. A
-    backup is taken every `every` steps within the epoch.
+    Each epoch shuffles and augments from its own streams, `epoch_seeds(seed,
+    epoch)`, so its order is the same whether the run went straight through or
+    resumed from a backup. A backup is taken every `every` steps within the epoch.
     """
     # Zero, unless this epoch resumes from a backup taken within it.
     done, totals = int(backup.step), tf.convert_to_tensor(backup.totals)
-    dataset = make_dataset(*setup.train_data, config.batch_size, shuffle_seed=config.seed + epoch,
+    dataset = make_dataset(*setup.train_data, config.batch_size, seed=config.seed, epoch=epoch,
                            augment_images=config.augment).skip(done)
     iterator = iter(_distribute(setup.strategy, dataset))
     bar = keras.utils.Progbar(setup.steps_per_epoch, verbose=int(verbose), stateful_metrics=["loss", "acc"])

@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
-from kernorm.data import FILES, load_mnist, make_dataset, read_idx
+from kernorm.data import FILES, epoch_seeds, load_mnist, make_dataset, read_idx
 from kernorm.errors import KernormError
 
 
@@ -115,9 +115,21 @@ def test_dataset_batches_and_shuffles_by_seed():
     y = np.arange(10)
     ordered = [b[1].numpy().tolist() for b in make_dataset(x, y, 4)]
     assert ordered == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    first = np.concatenate([b[1] for b in make_dataset(x, y, 4, shuffle_seed=3)])
-    again = np.concatenate([b[1] for b in make_dataset(x, y, 4, shuffle_seed=3)])
+    first = np.concatenate([b[1] for b in make_dataset(x, y, 4, seed=3)])
+    again = np.concatenate([b[1] for b in make_dataset(x, y, 4, seed=3)])
     assert sorted(first.tolist()) == list(range(10)) and first.tolist() != list(range(10))
     np.testing.assert_array_equal(first, again)
     images, _ = next(iter(make_dataset(x, y, 4)))
     assert images.shape == (4, 28, 28, 1) and images.dtype.name == "float32"
+
+
+def test_seeds_and_epochs_draw_independent_streams():
+    # seed r at epoch e + 1 and seed r + 1 at epoch e must not share a shuffle or an augmentation draw.
+    assert epoch_seeds(1, 3) != epoch_seeds(2, 2)
+    shuffle, augment_key = epoch_seeds(1, 3)
+    assert shuffle != augment_key and epoch_seeds(1, 3) == (shuffle, augment_key)
+    x = np.zeros((64, 28, 28), np.uint8)
+    y = np.arange(64)
+    order = {(s, e): np.concatenate([b[1] for b in make_dataset(x, y, 64, seed=s, epoch=e)]).tolist()
+             for s, e in [(1, 3), (2, 2)]}
+    assert order[1, 3] != order[2, 2]
