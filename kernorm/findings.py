@@ -4,18 +4,20 @@
 and its seeds) and writes, into the report folder:
 
 - `results.json` and `results.md`: per cell, the number of seeds and the mean,
-  standard deviation, 95 % confidence interval and every seed's value of the
-  final test accuracy, the test accuracy at the epoch chosen on validation
-  (with a validation split) and the final test loss;
+  standard deviation, 95 % confidence interval (clipped to the figure's range)
+  and every seed's value of the final test accuracy, the test accuracy at the
+  epoch chosen on validation (with a validation split) and the final test loss;
 - `findings.md`: each comparison of two cells over their matched seeds in
   words that match its numbers: the difference, its confidence interval and
   Holm-corrected p-values, or the smallest difference these seeds could have
-  detected;
+  detected at the level the decision uses, or that a difference without
+  spread over the seeds is not testable;
 - `seeds.png` (every seed's value per cell, with the mean and its confidence
   interval) and `curves.png` (per cell, the mean test and validation accuracy
   per epoch over the seeds, with their min–max band).
 """
 
+import math
 import os
 
 import numpy as np
@@ -25,10 +27,12 @@ from kernorm import reports, stats
 from kernorm.files import write_json, write_text
 from kernorm.rundir import load_run, read_predictions, why_not_reusable
 
-# (metrics.json key, what it is called in the report, shown in percent)
+# (metrics.json key, what it is called in the report, shown in percent); percent figures are accuracies in
+# [0, 1], the others losses in [0, ∞): the bounds their confidence intervals are clipped to.
 FIGURES = (("final_test_acc", "final test accuracy", True),
            ("chosen_test_acc", "test accuracy at the epoch chosen on validation", True),
            ("final_test_loss", "final test loss", False))
+ACCURACY, LOSS = (0.0, 1.0), (0.0, math.inf)
 SIGNIFICANCE = 0.05
 SEEDS_SIZE = (0.9, 5.0)  # inches per cell, height
 CURVES_SIZE = (12, 8.5)
@@ -48,14 +52,14 @@ def comparison_key(runs):
 
 
 def cell_results(runs):
-    """Per cell: `n`, `seeds` and, per figure of `FIGURES` that its runs hold, `stats.describe`."""
+    """Per cell: `n`, `seeds` and, per figure of `FIGURES` that its runs hold, `stats.describe` within its bounds."""
     results = {}
     for name, seeds in runs.items():
         entry = {"n": len(seeds), "seeds": sorted(seeds)}
-        for key, _, _ in FIGURES:
+        for key, _, percent in FIGURES:
             values = [seeds[seed].metrics.get(key) for seed in sorted(seeds)]  # runs of older kernorm lack some
             if values and None not in values:
-                entry[key] = stats.describe(values)
+                entry[key] = stats.describe(values, ACCURACY if percent else LOSS)
         results[name] = entry
     return results
 
@@ -70,8 +74,12 @@ def compare(runs, pairs, key):
         key: the metrics.json figure compared, an accuracy.
 
     Returns:
-        A list of dicts: `a`, `b`, `seeds` and `stats.paired`'s figures, with
-        `t_p_holm` and `wilcoxon_p_holm` added.
+        A list of dicts: `a`, `b`, `seeds` and `stats.paired`'s figures (the
+        differences rounded to `stats.RESOLUTION`, one test image), with
+        `t_p_holm` and `wilcoxon_p_holm` added, `family` (m, the number of
+        comparisons), `alpha` (Holm's strictest level, `SIGNIFICANCE / m`) and
+        `detectable`: the smallest difference the paired t-test finds with
+        `stats.POWER` at `alpha` (None without spread: not testable).
     """
     rows = []
     for a, b in pairs:
@@ -82,6 +90,9 @@ def compare(runs, pairs, key):
     for test in ("t_p", "wilcoxon_p"):
         for row, adjusted in zip(rows, stats.holm([row[test] for row in rows])):
             row[f"{test}_holm"] = adjusted
+    for row in rows:
+        row.update(family=len(rows), alpha=SIGNIFICANCE / len(rows))
+        row["detectable"] = stats.detectable_difference(row["sd"], row["n"], row["alpha"]) if row["spread"] else None
     return rows
 
 
@@ -91,16 +102,23 @@ def p_text(p):
 
 
 def finding(row, what):
-    """One comparison in words that match its numbers."""
-    d, (low, high), n = row["difference"], row["ci"], row["n"]
+    """One comparison of `compare` in words that match its numbers."""
+    d, n = row["difference"], row["n"]
+    wilcoxon = f"Wilcoxon signed-rank {p_text(row['wilcoxon_p_holm'])}"
+    if not row["spread"]:
+        return (f"- **{row['b']}** − **{row['a']}** in {what}: {d:+.2f} points on each of the {n} seeds; "
+                f"no spread: not testable with {n} seeds (the paired t-test needs differences that vary), so no "
+                f"difference is claimed; {wilcoxon}, Holm-corrected.")
+    low, high = row["ci"]
     numbers = (f"{d:+.2f} points, 95 % CI [{low:+.2f}, {high:+.2f}], {p_text(row['t_p_holm'])} "
-               f"(paired t-test over {n} seeds, Holm-corrected; Wilcoxon signed-rank {p_text(row['wilcoxon_p_holm'])})")
+               f"(paired t-test over {n} seeds, Holm-corrected; {wilcoxon})")
     if row["t_p_holm"] < SIGNIFICANCE:
         side = "better" if d > 0 else "worse"
         return f"- **{row['b']}** is {abs(d):.2f} points {side} than **{row['a']}** in {what}: {numbers}."
     return (f"- No detectable difference between **{row['a']}** and **{row['b']}** in {what} with {n} seeds: "
             f"{numbers}. These seeds could detect a difference of about {row['detectable']:.2f} points "
-            f"(with {stats.POWER:.0%} power).")
+            f"(with {100 * stats.POWER:.0f} % power at Holm's strictest level, α = {SIGNIFICANCE} / {row['family']} = "
+            f"{row['alpha']:.3g}).")
 
 
 def _cell_line(name, entry):
@@ -114,6 +132,9 @@ def _cell_line(name, entry):
         mean = f"{scale * figure['mean']:.{digits}f}"
         if figure["ci"]:
             mean += f" [{scale * figure['ci'][0]:.{digits}f}, {scale * figure['ci'][1]:.{digits}f}]"
+            mean += " (clipped)" if figure["clipped"] else ""
+        elif figure["n"] > 1:
+            mean += " (no spread)"
         cells += [mean, " / ".join(f"{scale * v:.{digits}f}" for v in figure["values"])]
     return "| " + " | ".join(cells) + " |"
 
@@ -124,7 +145,9 @@ def results_markdown(title, results):
         head += [f"{name}{' (%)' if percent else ''}: mean [95 % CI]", "by seed"]
     return "\n".join([f"# {title}: results", "",
                       "Mean over the finished seeds with its 95 % confidence interval (Student t), then every "
-                      "seed's value in seed order.", "",
+                      "seed's value in seed order. An interval that would leave what the figure can be, [0, 100] % "
+                      "for an accuracy and 0 or more for a loss, is clipped to it and marked (clipped); seeds that "
+                      "all give the same value have no spread, and no interval.", "",
                       "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
                       *(_cell_line(name, entry) for name, entry in results.items()), ""])
 
@@ -137,7 +160,11 @@ def findings_markdown(title, results, comparisons, key):
              f"first, in percentage points. The same seed gives both cells the same initial weights and data order "
              f"where their networks allow it. p-values are Holm-corrected over the {len(comparisons)} comparisons "
              f"below; a difference is reported as found when the corrected paired t-test gives p < {SIGNIFICANCE}. "
-             f"With n seeds the Wilcoxon signed-rank test cannot give p below 2 / 2^n.", "",
+             f"With n seeds the Wilcoxon signed-rank test cannot give p below 2 / 2^n. Differences are rounded to "
+             f"{stats.RESOLUTION} points (one test image in 10,000) before any test; a difference that is the same "
+             f"on every seed has no spread, so the t-test is undefined and it is reported as not testable. The "
+             f"difference these seeds could detect is that of the paired t-test with {100 * stats.POWER:.0f} % power "
+             f"at Holm's strictest level, {SIGNIFICANCE} divided by the number of comparisons.", "",
              f"Cells: {len(results)}; seeds per cell: {', '.join(map(str, seeds)) or 'none finished'}.", ""]
     lines += [finding(row, what) for row in comparisons] or ["No two cells share two finished seeds yet."]
     return "\n".join(lines) + "\n"

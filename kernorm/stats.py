@@ -2,9 +2,10 @@
 
 A figure from one training run moves with its seed, so kernorm reports a
 configuration over several seeds (mean, standard deviation and a Student t
-95 % confidence interval), compares two configurations over matched seeds
-(the same seed gives both the same initial weights and data order where their
-networks allow it), and compares two single models image by image (McNemar's
+95 % confidence interval, clipped to what the figure can be), compares two
+configurations over matched seeds (the same seed gives both the same initial
+weights and data order where their networks allow it; differences without
+spread are not testable), and compares two single models image by image (McNemar's
 exact test). This module needs no TensorFlow.
 """
 
@@ -16,75 +17,104 @@ from scipy import optimize, stats
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
 POWER = 0.8
+# The step an accuracy on MNIST's 10,000 test images moves in, in percentage points: one image.
+RESOLUTION = 0.01
 
 
-def describe(values):
+def describe(values, bounds=(-math.inf, math.inf)):
     """Mean, sample standard deviation and t confidence interval of the mean of `values`.
+
+    With few seeds the t interval can reach past what the figure can be (two
+    seeds of an accuracy: below 0 or above 100 %), so it is clipped to
+    `bounds`; the mean lies within them, so clipping never drops it from the
+    interval, and `clipped` says when the interval was cut.
 
     Args:
         values: one figure per seed.
+        bounds: `(low, high)`, the range the figure cannot leave, e.g. `(0, 1)`
+            for an accuracy.
 
     Returns:
-        A dict: `n`, `mean`, `sd`, `ci` (`[low, high]`) and `values`; `sd` and
-        `ci` are None for fewer than two values.
+        A dict: `n`, `mean`, `sd`, `ci` (`[low, high]`), `clipped` and
+        `values`; `sd` is None for fewer than two values, `ci` also for values
+        that do not vary (the t interval has no spread to work with).
     """
     values = [float(v) for v in values]
     n = len(values)
+    result = {"n": n, "mean": values[0] if values else None, "sd": None, "ci": None, "clipped": False,
+              "values": values}
     if n < 2:
-        return {"n": n, "mean": values[0] if values else None, "sd": None, "ci": None, "values": values}
+        return result
+    if len(set(values)) == 1:
+        return {**result, "sd": 0.0}
     ci = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
-    return {"n": n, "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)),
-            "ci": [float(ci.low), float(ci.high)], "values": values}
+    low, high = float(max(ci.low, bounds[0])), float(min(ci.high, bounds[1]))
+    return {**result, "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "ci": [low, high],
+            "clipped": (low, high) != (ci.low, ci.high)}
 
 
-def paired(a, b):
+def paired(a, b, resolution=RESOLUTION):
     """Compares `b` with `a` over matched seeds: `b - a`.
 
+    The differences are first rounded to a multiple of `resolution`: the float
+    noise of `100 * accuracy` (0.030000000000001 against 0.03) would otherwise
+    split the Wilcoxon test's ties, and give a difference that is the same on
+    every seed a spread it does not have. A difference without spread leaves
+    the paired t-test undefined (its mean over a standard error of 0): it is
+    not testable with these seeds, and `t_p` and `ci` are None, never p = 0.
+
     Args:
-        a, b: one figure per seed each, in the same seed order (at least 2).
+        a, b: one figure per seed each, in the same seed order (at least 2);
+            accuracies in percent.
+        resolution: the step the figures move in.
 
     Returns:
-        A dict: `n`, `difference` (mean of `b - a`), `ci` (its t confidence
-        interval), `t_p` (paired t-test), `wilcoxon_p` (Wilcoxon signed-rank,
-        exact for small n; 1 when every difference is 0) and `detectable`
-        (`detectable_difference` for these seeds' spread).
+        A dict: `n`, `difference` (mean of `b - a`), `sd` (standard deviation
+        of the differences), `spread` (whether they vary), `ci` (the
+        difference's t confidence interval), `t_p` (paired t-test),
+        `wilcoxon_p` (Wilcoxon signed-rank, exact for small n; 1 when every
+        difference is 0).
     """
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    differences = b - a
+    differences = np.rint((np.asarray(b, float) - np.asarray(a, float)) / resolution) * resolution
     n = len(differences)
-    if not differences.any():  # no difference at all: scipy's tests have no spread to work with
-        return {"n": n, "difference": 0.0, "ci": [0.0, 0.0], "t_p": 1.0, "wilcoxon_p": 1.0, "detectable": 0.0}
-    test = stats.ttest_rel(b, a)
-    ci = test.confidence_interval(CONFIDENCE)
-    return {"n": n, "difference": float(differences.mean()), "ci": [float(ci.low), float(ci.high)],
-            "t_p": float(test.pvalue), "wilcoxon_p": float(stats.wilcoxon(differences).pvalue),
-            "detectable": detectable_difference(float(differences.std(ddof=1)), n)}
+    result = {"n": n, "difference": float(differences.mean()), "sd": float(differences.std(ddof=1)),
+              "spread": len(set(differences)) > 1, "ci": None, "t_p": None,
+              "wilcoxon_p": float(stats.wilcoxon(differences).pvalue) if differences.any() else 1.0}
+    if result["spread"]:
+        test = stats.ttest_1samp(differences, 0.0)
+        ci = test.confidence_interval(CONFIDENCE)
+        result.update(ci=[float(ci.low), float(ci.high)], t_p=float(test.pvalue))
+    return result
 
 
 def holm(pvalues):
     """Holm's step-down correction of `pvalues` for the family they form (scipy has none).
 
     The i-th smallest p is multiplied by (m − i + 1), each adjusted p is made at
-    least the one before it, and all are capped at 1.
+    least the one before it, and all are capped at 1. A p of None (a comparison
+    that could not be tested) counts in the family's m but is never rejected:
+    it stays None.
 
     Returns:
         The adjusted p-values, in the order given.
     """
     m = len(pvalues)
+    ranked = [1.0 if p is None else p for p in pvalues]
     adjusted, running = [0.0] * m, 0.0
-    for rank, index in enumerate(np.argsort(pvalues, kind="stable")):
-        running = max(running, min(1.0, (m - rank) * pvalues[index]))
+    for rank, index in enumerate(np.argsort(ranked, kind="stable")):
+        running = max(running, min(1.0, (m - rank) * ranked[index]))
         adjusted[index] = running
-    return adjusted
+    return [None if p is None else q for p, q in zip(pvalues, adjusted)]
 
 
 def detectable_difference(sd, n, alpha=ALPHA, power=POWER):
-    """The smallest mean difference a two-sided paired t-test over `n` seeds finds with `power`.
+    """The smallest mean difference a two-sided paired t-test at level `alpha` over `n` seeds finds with `power`.
 
     Args:
-        sd: the standard deviation of the paired differences.
+        sd: the standard deviation of the paired differences, above 0.
         n: seeds (pairs), at least 2.
-        alpha: the test's significance level.
+        alpha: the level the test's p is compared with: for a family of m
+            Holm-corrected comparisons, the strictest is `ALPHA / m`.
         power: the probability of finding a difference of that size.
 
     Returns:
@@ -92,8 +122,6 @@ def detectable_difference(sd, n, alpha=ALPHA, power=POWER):
         comes from the noncentral t distribution; the chance of rejecting in
         the wrong direction, negligible at this power, is left out.
     """
-    if sd == 0:
-        return 0.0
     df = n - 1
     critical = stats.t.ppf(1 - alpha / 2, df)
 
@@ -101,7 +129,10 @@ def detectable_difference(sd, n, alpha=ALPHA, power=POWER):
         nc = effect * math.sqrt(n)
         return stats.nct.sf(critical, df, nc) - power
 
-    return float(optimize.brentq(shortfall, 1e-6, 100.0) * sd)
+    high = 100.0
+    while shortfall(high) < 0:  # two seeds at a strict level need hundreds of sd
+        high *= 10
+    return float(optimize.brentq(shortfall, 1e-6, high) * sd)
 
 
 def mcnemar(predicted_a, predicted_b, labels):
