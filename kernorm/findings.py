@@ -188,6 +188,7 @@ def draw_seeds(runs, results, key):
             ax.errorbar(x + 0.25, mean, yerr=[[mean - low], [high - mean]], fmt="o", color="black", capsize=4)
         else:
             ax.plot(x + 0.25, mean, "o", color="black")
+    reports.percent_ylim(ax, *ax.dataLim.intervaly)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel(f"{dict((k, n) for k, n, _ in FIGURES)[key]} (%)")
     ax.set_title("Each seed (blue); the mean and its 95 % CI (black)", fontsize=11)
@@ -210,13 +211,16 @@ def draw_cell_curves(runs):
         for ax, (column, _) in zip(axes, panels):
             values = 100 * np.array([[row[column] for row in run.history[:epochs]] for run in seeds.values()])
             x = np.arange(1, epochs + 1)
-            ax.plot(x, values.mean(0), color=cmap(index % cmap.N), linewidth=1.6, label=f"{name} ({len(seeds)} seeds)")
-            ax.fill_between(x, values.min(0), values.max(0), color=cmap(index % cmap.N), alpha=0.15, linewidth=0)
-            lows[column].append(values.mean(0)[epochs // 4:].min())
+            color = cmap(index % cmap.N)
+            ax.plot(x, values.mean(0), color=color, **reports.LINE, label=f"{name} ({len(seeds)} seeds)")
+            if epochs == 1:  # a band over one epoch has no width: a bar shows it
+                ax.vlines(x, values.min(0), values.max(0), color=color, alpha=0.3, linewidth=6)
+            else:
+                ax.fill_between(x, values.min(0), values.max(0), color=color, alpha=0.15, linewidth=0)
+            lows[column].append(values.min(0)[epochs // 4:].min())
     for ax, (column, title) in zip(axes, panels):
-        # The first epochs climb steeply; the scale starts where the last three quarters are.
-        bottom, top = min(lows[column]), ax.get_ylim()[1]
-        ax.set_ylim(bottom - 0.1 * (top - bottom), top)
+        # The first epochs climb steeply; the scale starts where the band of the last three quarters does.
+        reports.percent_ylim(ax, min(lows[column]), ax.dataLim.intervaly[1])
         ax.set_xticks(reports.epoch_ticks(last))
         ax.set_title(title)
         ax.set_xlabel("epoch")

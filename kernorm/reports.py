@@ -25,6 +25,8 @@ GALLERY_COLUMNS = 5
 GALLERY_CELL = (2.0, 2.3)  # inches per image and its caption
 GALLERY_TITLE = 0.6  # inches above the images
 CLASSES = 10
+# Every curve is drawn with markers, so that a curve of one epoch (one point) shows too.
+LINE = {"marker": "o", "markersize": 3, "linewidth": 1.6}
 
 
 def run_labels(runs):
@@ -48,6 +50,12 @@ def save_figure(fig, path):
 def new_figure(size):
     """A constrained-layout `Figure` of `size` inches, drawn without pyplot."""
     return Figure(figsize=size, dpi=DPI, layout="constrained")
+
+
+def percent_ylim(ax, low, high):
+    """Shows `low` to `high` percent on `ax`'s y axis with a margin of a tenth, never below 0 or above 100 %."""
+    margin = 0.1 * (high - low) or 0.05
+    ax.set_ylim(max(0.0, low - margin), min(100.0, high + margin))
 
 
 # (history column, panel title, y label, shown in percent)
@@ -80,15 +88,16 @@ def draw_curves(runs):
         kinds.add("epoch chosen on validation" if chosen else "best test epoch")
         for ax, (key, _, _, percent) in zip(axes.flat, PANELS):
             values = [row[key] * (100 if percent else 1) for row in run.history]
-            line, = ax.plot(epochs, values, marker="o", markersize=3, linewidth=1.6,
-                            label=f"{label}: {kind} {100 * best_acc:.2f} % (epoch {best})")
+            line, = ax.plot(epochs, values, **LINE, label=f"{label}: {kind} {100 * best_acc:.2f} % (epoch {best})")
             if key.startswith("test") and best in epochs:
                 ax.plot(best, values[epochs.index(best)], marker="*", markersize=15, color=line.get_color(),
                         markeredgecolor="black", linestyle="none")
         handles.append(line)
     handles.append(Line2D([], [], marker="*", markersize=15, color="white", markeredgecolor="black",
                           linestyle="none", label=" / ".join(sorted(kinds))))
-    for ax, (_, title, ylabel, _) in zip(axes.flat, PANELS):
+    for ax, (_, title, ylabel, percent) in zip(axes.flat, PANELS):
+        if percent:
+            percent_ylim(ax, *ax.dataLim.intervaly)
         ax.set_title(title, fontsize=13)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -104,3 +104,25 @@ def test_the_results_table_clips_an_accuracy_interval_to_0_100_and_says_so():
     assert rows["one"][2] == "98.00"
     assert "clipped to it and marked (clipped)" in table
 
+
+def test_seeds_plot_stays_on_the_accuracy_scale():
+    runs = cells({"wide": [0.3662, 0.5330], "tight": [0.9912, 0.9915, 0.9920]})
+    fig = findings.draw_seeds(runs, findings.cell_results(runs), KEY)
+    low, high = fig.axes[0].get_ylim()
+    assert 0 <= low <= 36.62 and 99.20 <= high <= 100
+    runs = cells({"tight": [0.9912, 0.9915, 0.9920]})
+    low, high = findings.draw_seeds(runs, findings.cell_results(runs), KEY).axes[0].get_ylim()
+    assert 98.5 < low < 99.12 and 99.20 < high < 99.5  # zoomed on the seeds and their interval
+
+
+def test_one_epoch_curves_show_their_points_and_band():
+    runs = {"A": {seed: crafted("A", seed, [acc]) for seed, acc in ((1, 0.97), (2, 0.99))},
+            "B": {1: crafted("B", 1, [1.0])}}
+    ax = findings.draw_cell_curves(runs).axes[0]
+    means = [line for line in ax.lines if line.get_label().startswith(("A", "B"))]
+    assert [line.get_marker() for line in means] == ["o", "o"]
+    assert [tuple(line.get_xydata()[0]) for line in means] == [(1, pytest.approx(98.0)), (1, 100.0)]
+    band = ax.collections[0].get_segments()[0]  # A's seeds span 97 to 99 %
+    np.testing.assert_allclose(band, [[1, 97], [1, 99]])
+    low, high = ax.get_ylim()
+    assert 90 < low < 97 and high == 100  # a seed at 100 %: the axis stops there

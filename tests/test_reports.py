@@ -9,9 +9,10 @@ from PIL import Image
 
 from kernorm import reports
 from kernorm.cli import main
+from kernorm.config import TrainConfig
 from kernorm.data import load_mnist
 from kernorm.errors import KernormError
-from kernorm.rundir import load_run
+from kernorm.rundir import Run, load_run
 
 
 def controlled_probs(labels, wrong):
@@ -119,6 +120,19 @@ def test_curves_mark_each_run_s_best_test_epoch(tiny_study):
     assert [tuple(s.get_xydata()[0]) for s in stars] == [best_point] * 2
     assert [ax.get_xlabel() for ax in fig.axes] == ["", "", "epoch", "epoch"]
     assert test_acc.lines[0].get_xdata()[0] == 1  # epochs count from 1
+
+
+def test_curves_of_one_epoch_show_their_points_on_the_accuracy_scale():
+    history = [{"epoch": 1, "train_loss": 0.2, "test_loss": 0.1, "train_acc": 1.0, "test_acc": 0.97}]
+    run = Run("one-epoch", TrainConfig(norm="ln", l2=1e-4, epochs=1), history,
+              {"best_epoch": 1, "best_test_acc": 0.97, "chosen_epoch": None})
+    fig = reports.draw_curves([run])
+    for ax, (key, _, _, percent) in zip(fig.axes, reports.PANELS):
+        value = history[0][key] * (100 if percent else 1)
+        assert ax.lines[0].get_marker() == "o" and tuple(ax.lines[0].get_xydata()[0]) == (1, value)
+        if percent:
+            low, high = ax.get_ylim()
+            assert 0 <= low < value <= high <= 100  # 100 % train accuracy: the axis stops there
 
 
 @pytest.mark.slow
