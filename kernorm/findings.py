@@ -33,6 +33,7 @@ FIGURES = (("final_test_acc", "final test accuracy", True),
            ("chosen_test_acc", "test accuracy at the epoch chosen on validation", True),
            ("final_test_loss", "final test loss", False))
 ACCURACY, LOSS = (0.0, 1.0), (0.0, math.inf)
+DIFFERENCE = (-100.0, 100.0)  # of two accuracies, in percentage points
 SIGNIFICANCE = 0.05
 SEEDS_SIZE = (0.9, 5.0)  # inches per cell, height
 CURVES_SIZE = (12, 8.5)
@@ -75,7 +76,8 @@ def compare(runs, pairs, key):
 
     Returns:
         A list of dicts: `a`, `b`, `seeds` and `stats.paired`'s figures (the
-        differences rounded to `stats.RESOLUTION`, one test image), with
+        differences rounded to `stats.RESOLUTION`, one test image, and their
+        interval clipped to `DIFFERENCE`), with
         `t_p_holm` and `wilcoxon_p_holm` added, `family` (m, the number of
         comparisons), `alpha` (Holm's strictest level, `SIGNIFICANCE / m`) and
         `detectable`: the smallest difference the paired t-test finds with
@@ -86,7 +88,7 @@ def compare(runs, pairs, key):
         seeds = sorted(set(runs[a]) & set(runs[b]))
         if len(seeds) >= 2:
             values = [[100 * runs[cell][seed].metrics[key] for seed in seeds] for cell in (a, b)]
-            rows.append({"a": a, "b": b, "seeds": seeds, **stats.paired(*values)})
+            rows.append({"a": a, "b": b, "seeds": seeds, **stats.paired(*values, bounds=DIFFERENCE)})
     for test in ("t_p", "wilcoxon_p"):
         for row, adjusted in zip(rows, stats.holm([row[test] for row in rows])):
             row[f"{test}_holm"] = adjusted
@@ -110,15 +112,20 @@ def finding(row, what):
                 f"no spread: not testable with {n} seeds (the paired t-test needs differences that vary), so no "
                 f"difference is claimed; {wilcoxon}, Holm-corrected.")
     low, high = row["ci"]
-    numbers = (f"{d:+.2f} points, 95 % CI [{low:+.2f}, {high:+.2f}], {p_text(row['t_p_holm'])} "
+    numbers = (f"{d:+.2f} points, 95 % CI [{low:+.2f}, {high:+.2f}]{' (clipped)' if row['clipped'] else ''}, "
+               f"{p_text(row['t_p_holm'])} "
                f"(paired t-test over {n} seeds, Holm-corrected; {wilcoxon})")
     if row["t_p_holm"] < SIGNIFICANCE:
         side = "better" if d > 0 else "worse"
         return f"- **{row['b']}** is {abs(d):.2f} points {side} than **{row['a']}** in {what}: {numbers}."
+    level = (f"with {100 * stats.POWER:.0f} % power at Holm's strictest level, α = {SIGNIFICANCE} / {row['family']} "
+             f"= {row['alpha']:.3g}")
+    detect = (f"could detect a difference of about {row['detectable']:.2f} points ({level})"
+              if row["detectable"] < DIFFERENCE[1] else
+              f"could not detect even a difference of {DIFFERENCE[1]:.0f} points ({level}, they would need "
+              f"{row['detectable']:.0f})")
     return (f"- No detectable difference between **{row['a']}** and **{row['b']}** in {what} with {n} seeds: "
-            f"{numbers}. These seeds could detect a difference of about {row['detectable']:.2f} points "
-            f"(with {100 * stats.POWER:.0f} % power at Holm's strictest level, α = {SIGNIFICANCE} / {row['family']} = "
-            f"{row['alpha']:.3g}).")
+            f"{numbers}. These seeds {detect}.")
 
 
 def _cell_line(name, entry):

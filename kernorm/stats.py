@@ -4,9 +4,9 @@ A figure from one training run moves with its seed, so kernorm reports a
 configuration over several seeds (mean, standard deviation and a Student t
 95 % confidence interval, clipped to what the figure can be), compares two
 configurations over matched seeds (the same seed gives both the same initial
-weights and data order where their networks allow it; differences without
-spread are not testable), and compares two single models image by image (McNemar's
-exact test). This module needs no TensorFlow.
+weights and data order where their networks allow it; a difference without
+spread over the seeds is not testable), and compares two single models image
+by image (McNemar's exact test). This module needs no TensorFlow.
 """
 
 import math
@@ -47,13 +47,19 @@ def describe(values, bounds=(-math.inf, math.inf)):
         return result
     if len(set(values)) == 1:
         return {**result, "sd": 0.0}
-    ci = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
+    ci, clipped = bounded_interval(stats.ttest_1samp(values, 0.0), bounds)
+    return {**result, "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "ci": ci,
+            "clipped": clipped}
+
+
+def bounded_interval(test, bounds):
+    """The `CONFIDENCE` interval of a scipy t-test result, clipped to `bounds`: `([low, high], clipped)`."""
+    ci = test.confidence_interval(CONFIDENCE)
     low, high = float(max(ci.low, bounds[0])), float(min(ci.high, bounds[1]))
-    return {**result, "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "ci": [low, high],
-            "clipped": (low, high) != (ci.low, ci.high)}
+    return [low, high], (low, high) != (ci.low, ci.high)
 
 
-def paired(a, b, resolution=RESOLUTION):
+def paired(a, b, resolution=RESOLUTION, bounds=(-math.inf, math.inf)):
     """Compares `b` with `a` over matched seeds: `b - a`.
 
     The differences are first rounded to a multiple of `resolution`: the float
@@ -67,24 +73,27 @@ def paired(a, b, resolution=RESOLUTION):
         a, b: one figure per seed each, in the same seed order (at least 2);
             accuracies in percent.
         resolution: the step the figures move in.
+        bounds: `(low, high)`, the range the difference cannot leave, e.g.
+            `(-100, 100)` for accuracies in percent: its interval is clipped
+            to it, as `describe`'s.
 
     Returns:
         A dict: `n`, `difference` (mean of `b - a`), `sd` (standard deviation
         of the differences), `spread` (whether they vary), `ci` (the
-        difference's t confidence interval), `t_p` (paired t-test),
+        difference's t confidence interval), `clipped`, `t_p` (paired t-test),
         `wilcoxon_p` (Wilcoxon signed-rank, exact for small n; 1 when every
         difference is 0).
     """
     differences = np.rint((np.asarray(b, float) - np.asarray(a, float)) / resolution) * resolution
-    n = len(differences)
-    result = {"n": n, "difference": float(differences.mean()), "sd": float(differences.std(ddof=1)),
-              "spread": len(set(differences)) > 1, "ci": None, "t_p": None,
+    result = {"n": len(differences), "difference": float(differences.mean()), "sd": 0.0, "spread": False,
+              "ci": None, "clipped": False, "t_p": None,
               "wilcoxon_p": float(stats.wilcoxon(differences).pvalue) if differences.any() else 1.0}
-    if result["spread"]:
-        test = stats.ttest_1samp(differences, 0.0)
-        ci = test.confidence_interval(CONFIDENCE)
-        result.update(ci=[float(ci.low), float(ci.high)], t_p=float(test.pvalue))
-    return result
+    if len(set(differences)) == 1:
+        return result
+    test = stats.ttest_1samp(differences, 0.0)
+    ci, clipped = bounded_interval(test, bounds)
+    return {**result, "sd": float(differences.std(ddof=1)), "spread": True, "ci": ci, "clipped": clipped,
+            "t_p": float(test.pvalue)}
 
 
 def holm(pvalues):

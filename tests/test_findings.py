@@ -95,6 +95,17 @@ def test_two_seeds_claim_nothing_they_cannot_show():
             f"points (with 80 % power at Holm's strictest level, α = 0.05 / 1 = 0.05).") in text.splitlines()
 
 
+def test_two_seeds_far_apart_keep_their_interval_within_what_a_difference_can_be():
+    # +26.49 and +39.16 points: the t interval of the difference alone runs past +100.
+    (row,), text = report({"A": [0.1849, 0.1559], "B": [0.4498, 0.5475]}, [("A", "B")])
+    assert row["clipped"] and row["ci"][1] == 100.0 and row["ci"][0] < 0
+    assert row["detectable"] > 100
+    (line,) = [line for line in text.splitlines() if line.startswith("- ")]
+    assert f"95 % CI [{row['ci'][0]:+.2f}, +100.00] (clipped), p = " in line
+    assert line.endswith(f"These seeds could not detect even a difference of 100 points (with 80 % power at Holm's "
+                         f"strictest level, α = 0.05 / 1 = 0.05, they would need {row['detectable']:.0f}).")
+
+
 def test_the_results_table_clips_an_accuracy_interval_to_0_100_and_says_so():
     runs = cells({"wide": [0.3662, 0.5330], "flat": [0.99, 0.99], "one": [0.98]})
     table = findings.results_markdown("T", findings.cell_results(runs))

@@ -49,6 +49,13 @@ def test_paired_compares_matched_seeds():
     assert result["wilcoxon_p"] == pytest.approx(2 / 32)
 
 
+def test_paired_clips_the_difference_s_interval_to_its_bounds():
+    unbounded = stats.paired([10, 20], [40, 45])  # +30, +25: t interval about [−4, +59]
+    bounded = stats.paired([10, 20], [40, 45], bounds=(0, 50))
+    assert unbounded["ci"][0] < 0 < 50 < unbounded["ci"][1] and not unbounded["clipped"]
+    assert (bounded["ci"], bounded["clipped"], bounded["t_p"]) == ([0.0, 50.0], True, unbounded["t_p"])
+
+
 def test_paired_order_sets_the_sign():
     assert stats.paired([2, 2.5, 4, 5.5, 6], [1, 2, 3, 4, 5])["difference"] == pytest.approx(-1.0)
 
