@@ -178,7 +178,10 @@ def findings_markdown(title, results, comparisons, key):
 
 
 def draw_seeds(runs, results, key):
-    """Every seed's `key` per cell, with the mean and its 95 % confidence interval."""
+    """Every seed's `key` per cell, with the mean and its 95 % confidence interval.
+
+    The axis spans the seeds and the intervals, never below 0 or above 100 %.
+    """
     names = list(results)
     fig = reports.new_figure((max(6.0, SEEDS_SIZE[0] * len(names) + 2), SEEDS_SIZE[1]))
     ax = fig.subplots()
@@ -204,7 +207,11 @@ def draw_seeds(runs, results, key):
 
 
 def draw_cell_curves(runs):
-    """Per cell, the mean test (and validation) accuracy per epoch over its seeds, with the min–max band."""
+    """Per cell, the mean test (and validation) accuracy per epoch over its seeds, with the min–max band.
+
+    Means carry markers and a one-epoch band is a bar, so a one-epoch sweep shows; the axes stay within
+    [0, 100] %.
+    """
     panels = [("test_acc", "Test accuracy")]
     if any("val_acc" in run.history[0] for seeds in runs.values() for run in seeds.values()):
         panels.append(("val_acc", "Validation accuracy"))

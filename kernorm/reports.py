@@ -68,7 +68,9 @@ def draw_curves(runs):
 
     Each run's best test epoch (or, with a validation split, the epoch chosen
     on it) is marked with a star on the two test panels, and its test
-    accuracy at that epoch is given in the legend.
+    accuracy at that epoch is given in the legend. Every epoch is a marker (a
+    one-epoch run shows as points), and the accuracy panels stay within
+    [0, 100] %.
 
     Args:
         runs: a list of `kernorm.rundir.Run`s.
