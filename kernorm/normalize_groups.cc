@@ -272,13 +272,12 @@ class NormalizeGroupsGrad : public OpKernel {
     const Tensor& x = ctx->input(1);
     OP_REQUIRES_OK(ctx, check_map(x, groups_, {{"gamma", &ctx->input(2)}}));
     OP_REQUIRES(ctx, dy.shape() == x.shape(),
-                invalid("dy must be shaped as x ", x.shape().DebugString(), ", not ",
-                                dy.shape().DebugString()));
+                invalid("dy must be shaped as x ", x.shape().DebugString(), ", not ", dy.shape().DebugString()));
     const TensorShape statistics({x.dim_size(0), groups_});
     for (const auto& [name, input] : {std::pair{"mean", 3}, std::pair{"inv", 4}})
       OP_REQUIRES(ctx, ctx->input(input).shape() == statistics,
                   invalid(name, " must be (rows, groups) ", statistics.DebugString(), ", not ",
-                                  ctx->input(input).shape().DebugString()));
+                          ctx->input(input).shape().DebugString()));
     const Layout layout(x, groups_);
     const int64_t c = layout.channels, g = groups_;
     const float* gamma = ctx->input(2).flat<float>().data();
@@ -341,8 +340,8 @@ absl::Status map_shapes(InferenceContext* ctx, int x_index, std::initializer_lis
     TF_RETURN_IF_ERROR(ctx->Merge(channels, ctx->Dim(vector, 0), &channels));
   }
   if (ctx->ValueKnown(channels) && (ctx->Value(channels) == 0 || ctx->Value(channels) % groups))
-    return invalid("x's channels (", ctx->Value(channels), ") must be a positive multiple of groups (",
-                           groups, ")");
+    return invalid("x's channels (", ctx->Value(channels), ") must be a positive multiple of groups (", groups,
+                   ")");
   return ctx->ReplaceDim(*x, 2, channels, x);
 }
 
