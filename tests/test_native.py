@@ -68,7 +68,7 @@ def test_the_gradient_op_rejects_bad_shapes(case, graph, norm_path):
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="no C++ compiler on this machine")
 def test_processes_starting_together_build_the_ops_once(tmp_path):
     log = tmp_path / "builds.log"
-    compiler = tmp_path / "c++"  # the real compiler, logging each build (not the -dM -E queries of its flags)
+    compiler = tmp_path / "c++"  # the real compiler, logging each build (not the -dM -E runs asking it about the CPU)
     compiler.write_text(f'#!/bin/sh\ncase "$*" in *-shared*) echo build >> "{log}";; esac\n'
                         f'exec "{shutil.which(os.environ.get("CXX", "g++"))}" "$@"\n')
     compiler.chmod(0o755)
