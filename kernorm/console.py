@@ -7,9 +7,12 @@ XNNPACK delegate". Some of them come before any log level can be set, so
 `quiet_native_logs` points descriptor 2 at /dev/null for the rest of the
 process and keeps Python's `sys.stderr`, where kernorm's warnings and errors
 go, on the real standard error. The CLI calls it unless `--verbose` or
-`KERNORM_VERBOSE=1` asks for everything.
+`KERNORM_VERBOSE=1` asks for everything. A fatal signal (SIGSEGV, SIGFPE,
+SIGABRT, …) still prints Python's "Fatal Python error" and the traceback on
+the real standard error.
 """
 
+import faulthandler
 import logging
 import os
 import sys
@@ -20,6 +23,8 @@ VERBOSE_ENV = "KERNORM_VERBOSE"
 def quiet_native_logs():
     """Silences native logs and TensorFlow's Python warnings for the rest of this process.
 
+    A fatal signal still prints its traceback (`faulthandler`, on the real standard error).
+
     Does nothing when standard error is not the process's own (under a test
     runner that captures it).
     """
@@ -28,8 +33,11 @@ def quiet_native_logs():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing and checkpoint notices
     sys.stderr.flush()
-    real = os.dup(2)
+    real = os.fdopen(os.dup(2), "w", buffering=1)
+    # On a fatal signal (a crash in native code) faulthandler prints "Fatal Python error" and the traceback:
+    # to the real standard error, as descriptor 2 is about to go nowhere.
+    faulthandler.enable(real)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
-    sys.stderr = sys.__stderr__ = os.fdopen(real, "w", buffering=1)
+    sys.stderr = sys.__stderr__ = real

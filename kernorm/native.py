@@ -15,6 +15,7 @@ made for (`CXX`, default `g++`) into `$XDG_CACHE_HOME/kernorm` (default
   is an error.
 """
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -67,6 +68,9 @@ def load():
 def _build():
     """Compiles `SOURCE` into the cache unless a library of the same inputs is there; returns its path.
 
+    Under a lock file in the cache folder, so that of processes starting at
+    once one compiles and the others load its library.
+
     Warnings of the compiler on kernorm's source reach the user as Python warnings; TensorFlow's
     headers are system headers, whose own warnings are theirs to fix.
     """
@@ -77,12 +81,18 @@ def _build():
         key = hashlib.sha256(f.read() + shlex.join(command).encode() + tf.__version__.encode()).hexdigest()[:16]
     folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kernorm")
     library = os.path.join(folder, f"normalize_groups-{key}.so")
-    if not os.path.exists(library):
-        os.makedirs(folder, exist_ok=True)
-        with atomic_path(library) as tmp:
-            built = subprocess.run(command + ["-o", tmp], check=True, capture_output=True, text=True)
-        if built.stderr.strip():
-            warnings.warn(f"compiler warnings building kernorm's C++ norm ops:\n{built.stderr}", stacklevel=3)
+    if os.path.exists(library):
+        return library
+    os.makedirs(folder, exist_ok=True)
+    # Processes started together (`kernorm sweep --jobs N`) build once: the first to hold the lock builds,
+    # the others wait for it and then find the library. The OS releases the lock when its holder ends.
+    with open(os.path.join(folder, "build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(library):
+            with atomic_path(library) as tmp:
+                built = subprocess.run(command + ["-o", tmp], check=True, capture_output=True, text=True)
+            if built.stderr.strip():
+                warnings.warn(f"compiler warnings building kernorm's C++ norm ops:\n{built.stderr}", stacklevel=3)
     return library
 
 

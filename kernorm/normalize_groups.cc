@@ -18,11 +18,19 @@
 // channel (the shifted-data algorithm): Σx² − (Σx)²/n in float loses the
 // variance of a map whose mean is large against its spread (a constant map of
 // 70,000 came out at 0.072, where the variance is 0), sums of x − k do not.
+//
+// Both kernels and their shape functions check every input's shape and fail with
+// InvalidArgument on any other, before indexing anything. A map with no rows or
+// no positions is valid and gives what Keras's layers give: an empty y and dx,
+// and where the rows have no positions, statistics of 0/0 = NaN, hence a NaN dgamma.
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -34,7 +42,15 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 using tensorflow::TensorShape;
+using tensorflow::shape_inference::DimensionHandle;
 using tensorflow::shape_inference::InferenceContext;
+using tensorflow::shape_inference::ShapeHandle;
+
+// InvalidArgument with the message args... put together.
+template <typename... Args>
+absl::Status invalid(const Args&... args) {
+  return absl::InvalidArgumentError(absl::StrCat(args...));
+}
 
 constexpr int64_t kStripsPerUnit = 64;  // a unit of work: 64 strips of one row (40 KB at 10 channels)
 
@@ -60,6 +76,7 @@ struct Layout {
 // intra-op threads; fn allocates its buffers once per range.
 template <typename Fn>
 void for_unit_ranges(OpKernelContext* ctx, const Layout& layout, Fn fn) {
+  if (layout.row_size == 0) return;  // no values: nothing to pass over
   const int64_t cost = std::min(layout.row_size, kStripsPerUnit * layout.strip) * 4;  // ~4 cycles a float
   ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
       layout.units(), tsl::thread::ThreadPool::SchedulingParams::Adaptive(cost), fn);
@@ -106,9 +123,11 @@ void channel_sums(OpKernelContext* ctx, const Layout& layout, const float* a, co
   });
 }
 
-// Each row's first value per channel, (rows, channels), after a ReLU if relu: the shift k of the sums.
+// Each row's first value per channel, (rows, channels), after a ReLU if relu: the shift k of the sums
+// (0 where the rows have no positions).
 std::vector<float> first_values(const Layout& layout, const float* x, bool relu) {
-  std::vector<float> k(layout.rows * layout.channels);
+  std::vector<float> k(layout.rows * layout.channels, 0.0f);
+  if (layout.positions == 0) return k;
   for (int64_t r = 0; r < layout.rows; ++r)
     for (int64_t ch = 0; ch < layout.channels; ++ch) {
       const float v = x[r * layout.row_size + ch];
@@ -162,6 +181,20 @@ void affine_pass(OpKernelContext* ctx, const Layout& layout, const float* a, con
   });
 }
 
+// OK where x is (rows, positions, channels) with channels a positive multiple of groups, and each of
+// vectors (name, tensor) is (channels,): the shapes both kernels index by.
+absl::Status check_map(const Tensor& x, int64_t groups,
+                       std::initializer_list<std::pair<const char*, const Tensor*>> vectors) {
+  if (x.dims() != 3) return invalid("x must be (rows, positions, channels), not ", x.shape().DebugString());
+  const int64_t channels = x.dim_size(2);
+  if (channels == 0 || channels % groups)
+    return invalid("x's channels (", channels, ") must be a positive multiple of groups (", groups, ")");
+  for (const auto& [name, vector] : vectors)
+    if (vector->shape() != TensorShape({channels}))
+      return invalid(name, " must be (", channels, ",) as x's channels, not ", vector->shape().DebugString());
+  return absl::OkStatus();
+}
+
 class NormalizeGroups : public OpKernel {
  public:
   explicit NormalizeGroups(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -172,10 +205,7 @@ class NormalizeGroups : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
-    OP_REQUIRES(ctx, x.dims() == 3 && x.dim_size(2) % groups_ == 0 && ctx->input(1).NumElements() == x.dim_size(2)
-                         && ctx->input(2).NumElements() == x.dim_size(2),
-                absl::InvalidArgumentError("x must be (rows, positions, channels) with channels a multiple of "
-                                           "groups, gamma and beta (channels,)"));
+    OP_REQUIRES_OK(ctx, check_map(x, groups_, {{"gamma", &ctx->input(1)}, {"beta", &ctx->input(2)}}));
     const Layout layout(x, groups_);
     const int64_t c = layout.channels, g = groups_;
     const float* gamma = ctx->input(1).flat<float>().data();
@@ -240,6 +270,14 @@ class NormalizeGroupsGrad : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     const Tensor& dy = ctx->input(0);
     const Tensor& x = ctx->input(1);
+    OP_REQUIRES_OK(ctx, check_map(x, groups_, {{"gamma", &ctx->input(2)}}));
+    OP_REQUIRES(ctx, dy.shape() == x.shape(),
+                invalid("dy must be shaped as x ", x.shape().DebugString(), ", not ", dy.shape().DebugString()));
+    const TensorShape statistics({x.dim_size(0), groups_});
+    for (const auto& [name, input] : {std::pair{"mean", 3}, std::pair{"inv", 4}})
+      OP_REQUIRES(ctx, ctx->input(input).shape() == statistics,
+                  invalid(name, " must be (rows, groups) ", statistics.DebugString(), ", not ",
+                          ctx->input(input).shape().DebugString()));
     const Layout layout(x, groups_);
     const int64_t c = layout.channels, g = groups_;
     const float* gamma = ctx->input(2).flat<float>().data();
@@ -290,17 +328,45 @@ class NormalizeGroupsGrad : public OpKernel {
   bool relu_;
 };
 
+// check_map where the shapes are known when a graph is built: x, input x_index, of rank 3 with channels a
+// positive multiple of groups, and the inputs vectors of rank 1 with as many; x refined into *x.
+absl::Status map_shapes(InferenceContext* ctx, int x_index, std::initializer_list<int> vectors, int64_t groups,
+                        ShapeHandle* x) {
+  TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(x_index), 3, x));
+  DimensionHandle channels = ctx->Dim(*x, 2);
+  for (int k : vectors) {
+    ShapeHandle vector;
+    TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(k), 1, &vector));
+    TF_RETURN_IF_ERROR(ctx->Merge(channels, ctx->Dim(vector, 0), &channels));
+  }
+  if (ctx->ValueKnown(channels) && (ctx->Value(channels) == 0 || ctx->Value(channels) % groups))
+    return invalid("x's channels (", ctx->Value(channels), ") must be a positive multiple of groups (", groups,
+                   ")");
+  return ctx->ReplaceDim(*x, 2, channels, x);
+}
+
 absl::Status forward_shapes(InferenceContext* ctx) {  // y like x; mean, variance, inv (rows, groups)
   int64_t groups;
   TF_RETURN_IF_ERROR(ctx->GetAttr("groups", &groups));
-  ctx->set_output(0, ctx->input(0));
-  for (int k = 1; k < 4; ++k) ctx->set_output(k, ctx->Matrix(ctx->Dim(ctx->input(0), 0), groups));
+  ShapeHandle x;
+  TF_RETURN_IF_ERROR(map_shapes(ctx, 0, {1, 2}, groups, &x));
+  ctx->set_output(0, x);
+  for (int k = 1; k < 4; ++k) ctx->set_output(k, ctx->Matrix(ctx->Dim(x, 0), groups));
   return absl::OkStatus();
 }
 
 absl::Status gradient_shapes(InferenceContext* ctx) {  // dx like x; dgamma, dbeta (channels,)
-  ctx->set_output(0, ctx->input(1));
-  for (int k = 1; k < 3; ++k) ctx->set_output(k, ctx->Vector(ctx->Dim(ctx->input(1), 2)));
+  int64_t groups;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("groups", &groups));
+  ShapeHandle x, statistics;
+  TF_RETURN_IF_ERROR(map_shapes(ctx, 1, {2}, groups, &x));
+  TF_RETURN_IF_ERROR(ctx->Merge(x, ctx->input(0), &x));  // dy shaped as x
+  for (int k : {3, 4}) {  // mean and inv (rows, groups)
+    TF_RETURN_IF_ERROR(ctx->WithRank(ctx->input(k), 2, &statistics));
+    TF_RETURN_IF_ERROR(ctx->Merge(statistics, ctx->Matrix(ctx->Dim(x, 0), groups), &statistics));
+  }
+  ctx->set_output(0, x);
+  for (int k = 1; k < 3; ++k) ctx->set_output(k, ctx->Vector(ctx->Dim(x, 2)));
   return absl::OkStatus();
 }
 

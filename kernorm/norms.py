@@ -170,9 +170,11 @@ class _InputActivation:
         return {**super().get_config(), "input_activation": keras.activations.serialize(self.input_activation)}
 
     def _suits_fast_path(self, inputs):
-        """Whether `inputs` suit kernorm's own computations: channels last, and a float32, float16 or bfloat16
-        input (a float64 one keeps Keras's float64 arithmetic)."""
-        return self.axis in (-1, inputs.ndim - 1) and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16)
+        """Whether `inputs` suit kernorm's own computations: channels last, at least one channel (Keras's
+        BatchNormalization takes none, and gives an empty output), and a float32, float16 or bfloat16 input
+        (a float64 one keeps Keras's float64 arithmetic)."""
+        return (self.axis in (-1, inputs.ndim - 1) and inputs.shape[-1] != 0
+                and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16))
 
     def _weights(self, channels):
         """γ and β, or ones and zeros where `scale` or `center` is off."""
@@ -180,14 +182,15 @@ class _InputActivation:
         beta = self.beta.value if self.center else tf.zeros(channels)
         return gamma, beta
 
-    def _train_normalize(self, inputs, rows, groups):
-        """`normalize_groups` of `inputs` after the input activation, as `(rows, positions, channels)`.
+    def _train_normalize(self, inputs, shape, groups):
+        """`normalize_groups` of `inputs` after the input activation, reshaped to `shape`: `(rows, positions,
+        channels)`, one of which may be -1.
 
         Returns the output, shaped like `inputs` in the compute dtype, and the mean and variance
         `(rows, groups)` in float32.
         """
         relu = self.input_activation is keras.activations.relu
-        x = tf.reshape(inputs if relu else self.input_activation(inputs), (rows, -1, inputs.shape[-1]))
+        x = tf.reshape(inputs if relu else self.input_activation(inputs), shape)
         y, mean, var = normalize_groups(x, *self._weights(inputs.shape[-1]), groups, self.epsilon, relu=relu)
         return tf.cast(tf.reshape(y, tf.shape(inputs)), self.compute_dtype), mean, var
 
@@ -199,11 +202,13 @@ class BatchNorm(_InputActivation, layers.BatchNormalization):
     Per channel, normalizes over all other axes with the batch's statistics in
     training, with the moving ones in inference or when frozen
     (`trainable=False`); the moving statistics follow `momentum` as in Keras.
-    Outputs, gradients and moving statistics are Keras's. Training takes
-    kernorm's path (`normalize_groups`: the C++ ops or XLA) when the channels
-    are the last axis, the input is float32, float16 or bfloat16, and there is
-    no mask, no `renorm` and no `synchronized`; every other case, and all of
-    inference, is Keras's own computation.
+    Outputs, gradients and moving statistics are Keras's, also for an empty
+    batch: an empty output, and a batch mean and variance of 0/0 = NaN that
+    make the moving statistics NaN. Training takes kernorm's path
+    (`normalize_groups`: the C++ ops or XLA) when the channels are the last
+    axis (at least one), the input is float32, float16 or bfloat16, and there
+    is no mask, no `renorm` and no `synchronized`; every other case, and all
+    of inference, is Keras's own computation.
 
     Args:
         input_activation: applied to the input first (see `_InputActivation`).
@@ -216,7 +221,7 @@ class BatchNorm(_InputActivation, layers.BatchNormalization):
         fast = training and self.trainable and mask is None and not (self.renorm or self.synchronized)
         if not (fast and self._suits_fast_path(inputs)):
             return super().call(self.input_activation(inputs), training=training, mask=mask)
-        y, mean, var = self._train_normalize(inputs, 1, inputs.shape[-1])
+        y, mean, var = self._train_normalize(inputs, (1, -1, inputs.shape[-1]), inputs.shape[-1])
         for moving, batch in ((self.moving_mean, mean[0]), (self.moving_variance, var[0])):
             moving.assign(moving * self.momentum + batch * (1 - self.momentum))
         return y
@@ -246,7 +251,10 @@ class GroupNorm(_InputActivation, layers.GroupNormalization):
         if not self._suits_fast_path(inputs):
             return super().call(self.input_activation(inputs))
         if training:
-            return self._train_normalize(inputs, tf.shape(inputs)[0], self.groups)[0]
+            # The rows inferred, as Keras's GroupNormalization reshapes: there, a batch of 0 maps of 0 positions
+            # becomes one row of none, whose statistics are NaN (0/0).
+            shape = (-1, tf.reduce_prod(tf.shape(inputs)[1:-1]), inputs.shape[-1])
+            return self._train_normalize(inputs, shape, self.groups)[0]
         if self.groups == 1 or inputs.ndim == 4:
             # In float32 as Keras's GroupNormalization, whatever the precision policy.
             y = normalize_for_inference(tf.cast(self.input_activation(inputs), tf.float32), self.gamma, self.beta,

@@ -224,3 +224,40 @@ def test_kernorms_networks_never_fall_back_to_keras(monkeypatch, architecture, n
     assert all(g is not None for g in tape.gradient(loss, model.trainable_weights))
     monkeypatch.setattr(layers.BatchNormalization, "call", batch_norm_inference)  # BN infers as Keras does
     model(images, training=False)
+
+
+def random_cases(count, seed=7):
+    """`count` (norm, arguments, input shape) cases: BN, GN and LN in turn on random shapes of rank 2 to 4, where
+    each spatial size may be 0; in the first round each norm has an empty batch, in the second a spatial size of 0,
+    in the third BN has no channels (Keras's GroupNormalization takes none)."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for index in range(count):
+        norm, round_ = ("bn", "gn", "ln")[index % 3], index // 3
+        rank = int(rng.integers(2, 5))
+        shape = [int(n) for n in (rng.integers(1, 5), *rng.integers(0, 6, rank - 2), rng.integers(1, 9))]
+        if round_ == 0:
+            shape[0] = 0
+        elif round_ == 1:
+            shape[1:-1] = [0, *shape[2:-1]]  # the first spatial size 0 (a new one at rank 2)
+        elif round_ == 2 and norm == "bn":
+            shape[-1] = 0
+        divisors = [g for g in range(1, shape[-1] + 1) if shape[-1] % g == 0]
+        arguments = {"groups": int(rng.choice(divisors))} if norm == "gn" else {}
+        cases.append((norm, arguments, tuple(shape)))
+    return cases
+
+
+# kernorm's layer and Keras's, each taking the case's arguments.
+RANDOM_PAIRS = {"bn": (BatchNorm, layers.BatchNormalization), "gn": (GroupNorm, layers.GroupNormalization),
+                "ln": (LayerNorm, functools.partial(layers.GroupNormalization, groups=1, epsilon=1e-5))}
+RANDOM_CASES = random_cases(36)
+
+
+@pytest.mark.parametrize("norm, arguments, shape", RANDOM_CASES,
+                         ids=[f"{n}-{'x'.join(map(str, s))}-{a}" for n, a, s in RANDOM_CASES])
+@pytest.mark.parametrize("norm_path", ["native"], indirect=True)
+def test_random_shapes_equal_keras_on_the_cpp_ops(norm, arguments, shape, fast_calls):
+    ours, theirs = RANDOM_PAIRS[norm]
+    compare(ours(**arguments), theirs(**arguments), inputs(shape), training=True)
+    assert fast_calls["normalize_groups"] == (shape[-1] > 0)  # a map without channels is Keras's own computation
