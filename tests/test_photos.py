@@ -77,7 +77,7 @@ def test_strokes_crossing_lines_as_dark_as_the_ink_stay_with_their_digit(effect,
     (_, _), (x_test, _) = mnist
     rows = photo_labels(effect)
     # Lines as dark and nearly as wide as the strokes: when the component that holds both was dropped
-    # whole, the compact int8 model read 3 of these 60 photos ("no digit-like strokes found").
+    # whole, 53 of these 60 photos ended in "no digit-like strokes found".
     similarities = [similarity(load_digit(PHOTOS / row["file"]), fit_digit(x_test[int(row["mnist_test_indices"])]))
                     for row in rows]
     assert len(rows) == 30
@@ -167,12 +167,15 @@ def test_predict_reads_the_photo_sets_digits_and_numbers(exported):
     assert [line.split(": ")[0] for line in lines] == [path for path, _ in singles]
     read = [line.split(": ")[1][0] for line in lines]
     right = [digit == label for digit, (_, label) in zip(read, singles)]
-    # A model trained one epoch on 12,000 images; the compact int8 model reads 58 of the 60 on dark lines.
-    assert np.mean(right) >= 0.9, list(zip(read, singles))
+    # `exported`'s model, one epoch on 12,000 images, read 72 of these 80 photos (and 8 of the 10 numbers
+    # below); the compact preset's int8 model reads 58 of the 60 on dark lines. With the lines dropped
+    # with the digits they cross, 53 of those 60 ended in an error line (exit status 1).
+    assert np.mean(right) >= 0.8, list(zip(read, singles))
 
     with open(PHOTOS / "labels.csv") as f:
         numbers = [(str(PHOTOS / row["file"]), row["label"]) for row in csv.DictReader(f)
                    if row["file"].startswith("number")][:10]
     result = CliRunner().invoke(main, ["predict", model_file, "--digits"] + [path for path, _ in numbers])
     read = [line.split(": ")[1].split(" ")[0] for line in result.output.strip().splitlines()]
-    assert np.mean([number == label for number, (_, label) in zip(read, numbers)]) >= 0.7, (read, numbers)
+    assert result.exit_code == 0, result.output
+    assert np.mean([number == label for number, (_, label) in zip(read, numbers)]) >= 0.6, (read, numbers)
