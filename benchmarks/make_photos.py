@@ -1,9 +1,9 @@
 """Builds the photo test set: MNIST test digits made to look like photos of handwriting.
 
 Each single-digit photo is an MNIST **test** digit drawn as ink on grey paper
-and photographed with one effect (`EFFECTS`, then `LATER_EFFECTS`); each number photo is 2 to 4
-digits side by side, some touching, some a gap-less "11", with one of
-`NUMBER_EFFECTS`. Every photo is a JPEG, 200–320 pixels on its shorter side.
+and photographed with one effect (`EFFECTS`, then `LATER_EFFECTS`); each
+number photo is 2 to 4 digits side by side, some touching, some a gap-less
+"11", with one of `NUMBER_EFFECTS`. Every photo is a JPEG, 200–320 pixels on its shorter side.
 A seed makes the same set every time; the set in `tests/data/photos` is seed
 21's, and another seed makes a separate set (to tune on, never the one
 reported, or a larger one to measure on).
