@@ -1,9 +1,9 @@
 """Builds the photo test set: MNIST test digits made to look like photos of handwriting.
 
 Each single-digit photo is an MNIST **test** digit drawn as ink on grey paper
-and photographed with one effect (`EFFECTS`); each number photo is 2 to 4
-digits side by side, some touching, some a gap-less "11", with one of
-`NUMBER_EFFECTS`. Every photo is a JPEG, 200–320 pixels on its shorter side.
+and photographed with one effect (`EFFECTS`, then `LATER_EFFECTS`); each
+number photo is 2 to 4 digits side by side, some touching, some a gap-less
+"11", with one of `NUMBER_EFFECTS`. Every photo is a JPEG, 200–320 pixels on its shorter side.
 A seed makes the same set every time; the set in `tests/data/photos` is seed
 21's, and another seed makes a separate set (to tune on, never the one
 reported, or a larger one to measure on).
@@ -33,6 +33,9 @@ from kernorm.files import write_bytes, write_text
 # little sensor noise, JPEG quality 75.
 EFFECTS = ("clean", "blur", "noise", "jpeg", "shadow", "noise+shadow", "ruled", "squared", "blue-ink",
            "rotation", "perspective", "thick-pen", "thin-pen")
+# Paper lines as dark as the ink and 3-4 px wide, which the strokes cross. Their photos are drawn after the
+# numbers', so that every photo made before these effects were added stays as it was.
+LATER_EFFECTS = ("ruled-dark", "squared-dark")
 # Numbers are read whole only when every digit is, so they get the milder effects.
 NUMBER_EFFECTS = ("clean", "noise", "shadow", "ruled", "blue-ink")
 BLACK_INK, BLUE_INK = (35, 35, 40), (150, 60, 25)  # BGR, as OpenCV stores colour
@@ -60,14 +63,15 @@ def paper(shape, rng, effect, height):
     grey = rng.uniform(160, 215)
     page = np.empty(shape + (3,), np.float32)
     page[:] = (grey * rng.uniform(0.9, 0.97), grey * rng.uniform(0.96, 1.0), grey)  # a little warm
-    if effect in LINE_TINTS:
-        spacing = height * (rng.uniform(0.6, 0.9) if effect == "ruled" else rng.uniform(0.25, 0.4))
-        colour = page[0, 0] * LINE_TINTS[effect] * rng.uniform(0.5, 1.0)
-        thickness = int(rng.integers(1, 3))
+    kind, dark = effect.removesuffix("-dark"), effect.endswith("-dark")
+    if kind in LINE_TINTS:
+        spacing = height * (rng.uniform(0.6, 0.9) if kind == "ruled" else rng.uniform(0.25, 0.4))
+        colour = page[0, 0] * LINE_TINTS[kind] * (rng.uniform(0.2, 0.35) if dark else rng.uniform(0.5, 1.0))
+        thickness = int(rng.integers(3, 5) if dark else rng.integers(1, 3))
         lines = rng.uniform(0, spacing) + np.arange(0, max(shape), spacing)
         for y in lines[lines < shape[0]]:
             cv2.line(page, (0, round(y)), (shape[1], round(y)), colour, thickness, cv2.LINE_AA)
-        if effect == "squared":
+        if kind == "squared":
             for x in lines[lines < shape[1]] - lines[0] + rng.uniform(0, spacing):
                 cv2.line(page, (round(x), 0), (round(x), shape[0]), colour, thickness, cv2.LINE_AA)
     return page
@@ -81,7 +85,7 @@ def camera(page, size, rng, effect):
     seen = corners + np.float32(offset)
     # A photo of ruled or squared paper is never quite square to its lines.
     degrees = {"rotation": rng.choice([-1, 1]) * rng.uniform(8, 20), "ruled": rng.uniform(-3, 3),
-               "squared": rng.uniform(-3, 3)}.get(effect, 0)
+               "squared": rng.uniform(-3, 3)}.get(effect.removesuffix("-dark"), 0)
     if degrees:
         angle = np.radians(degrees)
         centre = seen.mean(0)
@@ -136,7 +140,7 @@ def compose(digits, rng, effect, gaps=None):
     Args:
         digits: list of uint8 `(28, 28)` MNIST digits, left to right.
         rng: a NumPy `Generator`.
-        effect: one of `EFFECTS`.
+        effect: one of `EFFECTS` or `LATER_EFFECTS`.
         gaps: the space between neighbours, as fractions of the digits' height
             (negative: they overlap); `None` for one digit.
     """
@@ -182,13 +186,18 @@ def build(x_test, y_test, out, seed, per_effect, numbers):
     os.makedirs(out, exist_ok=True)
     order = rng.permutation(len(x_test))
     rows, taken = [], 0
-    for effect in EFFECTS:
-        for i in range(per_effect):
-            index = int(order[taken])
-            taken += 1
-            name = f"{effect}-{i:03d}.jpg"
-            write_bytes(os.path.join(out, name), compose([x_test[index]], rng, effect))
-            rows.append([name, str(y_test[index]), effect, str(index)])
+
+    def singles(effects):
+        nonlocal taken
+        for effect in effects:
+            for i in range(per_effect):
+                index = int(order[taken])
+                taken += 1
+                name = f"{effect}-{i:03d}.jpg"
+                write_bytes(os.path.join(out, name), compose([x_test[index]], rng, effect))
+                rows.append([name, str(y_test[index]), effect, str(index)])
+
+    singles(EFFECTS)
     ones = np.flatnonzero(y_test == 1)
     for i in range(numbers):
         count = int(rng.integers(2, 5))
@@ -203,6 +212,7 @@ def build(x_test, y_test, out, seed, per_effect, numbers):
         photo = compose([x_test[k] for k in indices], rng, effect, number_gaps(labels, rng))
         write_bytes(os.path.join(out, name), photo)
         rows.append([name, "".join(map(str, labels)), effect, " ".join(map(str, indices))])
+    singles(LATER_EFFECTS)
     table = io.StringIO()
     csv.writer(table, lineterminator="\n").writerows([["file", "label", "effect", "mnist_test_indices"]] + rows)
     write_text(os.path.join(out, "labels.csv"), table.getvalue())

@@ -375,33 +375,52 @@ def export(overwrite, **options):
 @click.argument("images", metavar="IMAGE...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--top", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many of the most probable digits to print per image.")
-@click.option("--digits", type=click.IntRange(min=1), is_flag=False, flag_value=MAX_DIGITS, default=None,
-              help=f"Read each picture as a number of at most N digits, left to right, and print it with each "
-                   f"digit's probability [N: {MAX_DIGITS} when left out].")
+@click.option("--digits", is_flag=True,
+              help="Read each picture as a number, left to right, and print it with each digit's probability.")
+@click.option("--max-digits", type=click.IntRange(min=1), default=MAX_DIGITS, show_default=True,
+              help="With --digits: the most digits a picture may hold; more is an error for that picture.")
 @click.option("--debug-dir", type=click.Path(file_okay=False),
               help="Write each 28x28 crop the model saw into DIR, as <image name>[-<digit>].png.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=RUNTIMES[0], show_default=True,
               help="Interpreter: LiteRT, or TensorFlow Lite Micro's (micro; pip install 'kernorm[micro]').")
-def predict(model, images, top, digits, debug_dir, runtime):
+@click.pass_context
+def predict(ctx, model, images, top, digits, max_digits, debug_dir, runtime):
     """Classify digit images (PNG, JPEG, or 28x28 .npy) with an exported TFLite model.
 
     Pictures are fitted into 28x28 as MNIST's digits were: the strokes found
     apart from noise, shadows and paper lines, made white on black, cropped,
     scaled to 20 px, centred.
+
+    One line per image, in order: its prediction, or "Error: IMAGE: reason"
+    (on stderr) for an image that cannot be read, and the next image follows.
+    Exit status: 0 when every image was classified; 1 when one was not, or
+    when the model cannot be loaded (one line, before any image); 2 for a
+    wrong option.
     """
     import os
 
     from kernorm.images import load_digit, load_digits, save_crops
     from kernorm.runtime import load_tflite, top_k
 
+    if not digits and ctx.get_parameter_source("max_digits") is not ParameterSource.DEFAULT:
+        raise click.UsageError("--max-digits limits --digits; add --digits to read numbers")
     tflite = load_tflite(model, runtime)
+    failed = False
     for path in images:
-        crops = load_digits(path, tflite.predict, digits) if digits else load_digit(path)[None]
+        try:
+            crops = load_digits(path, tflite.predict, max_digits) if digits else load_digit(path)[None]
+            probabilities = tflite.predict(crops)
+        except KernormError as e:
+            named = str(e) if str(e).startswith(f"{path}:") else f"{path}: {e}"
+            click.echo(f"Error: {named}", err=True)
+            failed = True
+            continue
         if debug_dir:
             save_crops(debug_dir, os.path.splitext(os.path.basename(path))[0], crops)
-        probabilities = tflite.predict(crops)
         if digits:
             number = "".join(str(p.argmax()) for p in probabilities)
             click.echo(f"{path}: {number} (" + ", ".join(f"{p.argmax()} {p.max():.3f}" for p in probabilities) + ")")
         else:
             click.echo(f"{path}: " + ", ".join(f"{digit} ({p:.3f})" for digit, p in top_k(probabilities[0], top)))
+    if failed:
+        ctx.exit(1)

@@ -30,7 +30,7 @@ RUNTIMES = ("litert", "micro")
 DROPOUT_LAYERS = ("last", "all")
 # Channel groups of group normalization, the study's GN(2, C).
 DEFAULT_GROUPS = 2
-# The most digits `kernorm predict --digits` reads in a picture when given no number.
+# The most digits `kernorm predict --digits` reads in a picture unless --max-digits says otherwise.
 MAX_DIGITS = 10
 
 

@@ -34,7 +34,10 @@ PAPER_WINDOW = 3 / 4  # median filter whose output is the paper as lit: far wide
 MIN_CONTRAST = 0.25
 LINE_SPAN = 0.9  # a component this long across the picture is a ruled line, a grid or an edge
 LINE_CONTRAST = 0.75  # lines at most this fraction of the ink's darkness are thresholded away
-LINE_WIDTH = 5  # pixels: paper lines are thinner, pen strokes wider
+# Paper lines are narrower than pen strokes: at least LINE_WIDTH pixels wide is tried first, then wider,
+# up to MAX_LINE_WIDTH of the side, until the lines come apart from the strokes (see `_line_pixels`).
+LINE_WIDTH = 5
+MAX_LINE_WIDTH = 0.05
 SPECK = 0.03  # components smaller than this both ways are specks
 MIN_HEIGHT = 0.1  # strokes shorter than this are no digit
 # A component joins the digit before it (a 5's flag, a broken stroke) when their horizontal extents
@@ -186,7 +189,7 @@ def fit_digits(gray, classify, max_digits=None, name="image"):
     regions = [piece for group in groups for piece in _split(ink, np.isin(labels, group), classify)]
     if max_digits is not None and len(regions) > max_digits:
         raise KernormError(f"{name}: found {len(regions)} digits, more than the {max_digits} allowed; "
-                           f"allow more (--digits N), or photograph fewer digits")
+                           f"allow more (--max-digits N), or photograph fewer digits")
     return np.stack([_crop(ink, region) for region in regions])
 
 
@@ -254,11 +257,13 @@ def stroke_mask(ink):
 
     The threshold is Otsu's, and at least `MIN_CONTRAST`. Ruled lines, a
     grid, a page's edge show up as components that run across `LINE_SPAN` of
-    the picture in a generous mask (half the threshold). Lines fainter than
-    the ink (`LINE_CONTRAST`) raise the threshold to halfway between them and
-    the ink, so that they vanish, whatever their slant, and the strokes that
-    cross them come apart from them; what still runs across the picture is
-    dropped whole.
+    the picture in a generous mask (half the threshold); their pixels outside
+    the strokes that cross them are found by their width (`_line_pixels`).
+    Lines fainter than the ink (`LINE_CONTRAST`) raise the threshold to
+    halfway between them and the ink, so that they vanish, whatever their
+    slant. The lines' pixels are then taken out, so that the strokes that
+    cross them stay and come apart from them; what still runs across the
+    picture (a page's edge) is dropped whole.
 
     Args:
         ink: float32 `(h, w)` ink map in 0–1 (`ink_map`).
@@ -269,15 +274,39 @@ def stroke_mask(ink):
     otsu, _ = cv2.threshold(np.round(ink * 255).astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = max(otsu / 255, MIN_CONTRAST)
     mask = ink > threshold
-    lines = _long_components(ink > threshold / 2)
-    # The lines' own pixels, whose darkness is theirs: what an opening as wide as LINE_WIDTH
-    # leaves out (a digit crossing them would weigh in their median).
-    lines &= ~cv2.morphologyEx(lines.astype(np.uint8), cv2.MORPH_OPEN, np.ones((LINE_WIDTH, LINE_WIDTH))).astype(bool)
+    lines = _line_pixels(ink > threshold / 2)
     if lines.any() and mask.any():
         line, strokes = np.median(ink[lines]), np.percentile(ink[mask], 90)
         if line < LINE_CONTRAST * strokes:
             mask &= ink > (line + strokes) / 2
+    # Lines as dark as the ink are taken out pixel by pixel: the strokes that cross them stay whole.
+    mask &= ~lines
     return mask & ~_long_components(mask)
+
+
+def _line_pixels(mask):
+    """The pixels of the paper lines in `mask` that are not the strokes crossing them: bool, `mask`'s shape.
+
+    Lines are the components that run across `LINE_SPAN` of the picture. An
+    opening (erosion, then dilation) by a square as wide as a line removes
+    the line and keeps the wider strokes, where they cross it too. The
+    narrowest square from `LINE_WIDTH` up to `MAX_LINE_WIDTH` of the side that
+    leaves no component across the picture is the lines' width; two pixels
+    more take their uneven edges too. If none does (a page's edge, a wide
+    shadow), the pixels narrower than `LINE_WIDTH` are the lines'.
+    """
+    long = _long_components(mask)
+    if not long.any():
+        return long
+    for width in range(LINE_WIDTH, _odd(MAX_LINE_WIDTH * min(mask.shape)) + 1, 2):
+        if not _long_components(_open(long, width)).any():
+            return long & ~_open(long, width + 2)
+    return long & ~_open(long, LINE_WIDTH)
+
+
+def _open(mask, width):
+    """`mask` opened by a `width`×`width` square: what is narrower than it is gone."""
+    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((width, width), np.uint8)).astype(bool)
 
 
 def _long_components(mask):

@@ -23,6 +23,11 @@ def photo_labels(effect):
         return [row for row in csv.DictReader(f) if row["effect"] == effect and not row["file"].startswith("number")]
 
 
+def photo_rows(effect, count):
+    """The first `count` single-digit photos of `effect`: (path, label) pairs."""
+    return [(str(PHOTOS / row["file"]), row["label"]) for row in photo_labels(effect)[:count]]
+
+
 def similarity(a, b):
     return np.corrcoef(np.ravel(a), np.ravel(b))[0, 1]
 
@@ -65,6 +70,18 @@ def test_a_photo_gives_the_crop_of_its_digit_without_the_photos_flaws(effect, mn
     # Noise, a shadow or a paper line inside the crop would move its box and its centre: far less alike.
     assert len(rows) >= 20
     assert np.median(similarities) > 0.9 and min(similarities) > 0.5, similarities
+
+
+@pytest.mark.parametrize("effect", ["ruled-dark", "squared-dark"])
+def test_strokes_crossing_lines_as_dark_as_the_ink_stay_with_their_digit(effect, mnist):
+    (_, _), (x_test, _) = mnist
+    rows = photo_labels(effect)
+    # Lines as dark and nearly as wide as the strokes: when the component that holds both was dropped
+    # whole, 53 of these 60 photos ended in "no digit-like strokes found".
+    similarities = [similarity(load_digit(PHOTOS / row["file"]), fit_digit(x_test[int(row["mnist_test_indices"])]))
+                    for row in rows]
+    assert len(rows) == 30
+    assert np.median(similarities) > 0.85 and np.mean(np.array(similarities) > 0.7) >= 0.9, similarities
 
 
 def test_a_number_is_cut_into_its_digits_left_to_right(mnist):
@@ -116,12 +133,10 @@ def test_predict_reads_a_number_and_writes_the_crops_it_saw(exported, mnist, tmp
     Image.fromarray(np.round(number_picture(first_of([8], y_test, x_test), [])).astype(np.uint8)).save(single)
     crops_dir = tmp_path / "crops"
 
-    result = CliRunner().invoke(main, ["predict", model_file, str(number), "--digits", "--debug-dir", str(crops_dir)])
+    result = CliRunner().invoke(main, ["predict", model_file, "--digits", str(number), "--debug-dir", str(crops_dir)])
     assert result.exit_code == 0, result.output
-    match = re.fullmatch(r".*number\.png: (\d{3}) \((\d) (\d\.\d{3}), (\d) (\d\.\d{3}), (\d) (\d\.\d{3})\)",
-                         result.output.strip())
-    assert match, result.output
-    assert match[1] == match[2] + match[4] + match[6]
+    assert re.fullmatch(r".*number\.png: 307 \(3 \d\.\d{3}, 0 \d\.\d{3}, 7 \d\.\d{3}\)", result.output.strip()), (
+        result.output)
     expected = load_digits(number, load_tflite(model_file).predict)
     saved = [np.asarray(Image.open(crops_dir / f"number-{i}.png")) for i in (1, 2, 3)]
     assert np.array_equal(np.stack(saved), expected)
@@ -131,7 +146,36 @@ def test_predict_reads_a_number_and_writes_the_crops_it_saw(exported, mnist, tmp
     assert np.array_equal(np.asarray(Image.open(crops_dir / "single.png")), load_digit(single))
     assert sorted(os.listdir(crops_dir)) == ["number-1.png", "number-2.png", "number-3.png", "single.png"]
 
-    result = CliRunner().invoke(main, ["predict", model_file, str(number), "--digits", "2"])
-    assert result.exit_code != 0
-    assert "number.png: found 3 digits, more than the 2 allowed" in result.output
+    result = CliRunner().invoke(main, ["predict", model_file, str(number), "--digits", "--max-digits", "2"])
+    assert result.exit_code == 1
+    assert "number.png: found 3 digits, more than the 2 allowed; allow more (--max-digits N)" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_predict_reads_the_photo_sets_digits_and_numbers(exported):
+    """`kernorm predict` on a few photos of each kind, against the photo set's labels."""
+    model_file = os.path.join(exported["export_dir"], "model_int8.tflite")
+    singles = [row for effect in ["clean", "noise+shadow", "ruled", "squared", "blue-ink"]
+               for row in photo_rows(effect, 4)]
+    # Every photo on dark lines: the 3s and 6s whose strokes cross the lines among them.
+    singles += photo_rows("ruled-dark", 30) + photo_rows("squared-dark", 30)
+    assert {"3", "6"} <= {label for _, label in photo_rows("ruled-dark", 30)}
+    result = CliRunner().invoke(main, ["predict", model_file, "--top", "1"] + [path for path, _ in singles])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == [path for path, _ in singles]
+    read = [line.split(": ")[1][0] for line in lines]
+    right = [digit == label for digit, (_, label) in zip(read, singles)]
+    # `exported`'s model, one epoch on 12,000 images, read 72 of these 80 photos (and 8 of the 10 numbers
+    # below); the compact preset's int8 model reads 58 of the 60 on dark lines. With the lines dropped
+    # with the digits they cross, 53 of those 60 ended in an error line (exit status 1).
+    assert np.mean(right) >= 0.8, list(zip(read, singles))
+
+    with open(PHOTOS / "labels.csv") as f:
+        numbers = [(str(PHOTOS / row["file"]), row["label"]) for row in csv.DictReader(f)
+                   if row["file"].startswith("number")][:10]
+    result = CliRunner().invoke(main, ["predict", model_file, "--digits"] + [path for path, _ in numbers])
+    read = [line.split(": ")[1].split(" ")[0] for line in result.output.strip().splitlines()]
+    assert result.exit_code == 0, result.output
+    assert np.mean([number == label for number, (_, label) in zip(read, numbers)]) >= 0.6, (read, numbers)

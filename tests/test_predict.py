@@ -1,6 +1,8 @@
 """`kernorm predict` and the MNIST-style preparation of digit pictures."""
 
 import os
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from kernorm.errors import KernormError
 from kernorm.images import fit_digit, load_digit
 from kernorm.runtime import load_tflite
 
+NUMBER_PHOTO = str(pathlib.Path(__file__).parent / "data" / "photos" / "number-012.jpg")  # the README's, 5357
 
 def photo(digit, invert=True, scale=4, margin=(30, 50)):
     """An MNIST digit made to look like a picture: upscaled, off-centre, dark ink on light paper."""
@@ -100,7 +103,8 @@ def test_unreadable_images_and_wrong_arrays_give_one_clear_line(exported, tmp_pa
         ([model_file, str(tmp_path / "objects.npy")], "objects.npy: not a readable .npy array"),
         ([model_file, str(tmp_path / "blank.png")], "blank.png: blank image, no digit found"),
         ([model_file, str(tmp_path / "lined.png"), "--digits"], "lined.png: no digit-like strokes found"),
-        ([model_file, str(tmp_path / "small.npy"), "--digits", "0"], "Invalid value for '--digits'"),
+        ([model_file, "--digits", str(tmp_path / "small.npy"), "--max-digits", "0"], "Invalid value for '--max"),
+        ([model_file, str(tmp_path / "small.npy"), "--max-digits", "3"], "--max-digits limits --digits; add --digits"),
         ([model_file, str(tmp_path / "digit.gif")], "unknown image type .gif"),
         ([model_file, str(tmp_path / "missing.png")], "missing.png: not a readable image"),
         ([str(tmp_path / "model.tflite"), str(tmp_path / "small.npy")], "not a TFLite model"),
@@ -112,6 +116,58 @@ def test_unreadable_images_and_wrong_arrays_give_one_clear_line(exported, tmp_pa
         assert result.exit_code != 0, args
         assert message in result.output, result.output
         assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_predict_answers_every_image_and_exits_1_if_one_failed(exported, mnist, tmp_path):
+    (_, _), (x_test, _) = mnist
+    model_file = os.path.join(exported["export_dir"], "model_int8.tflite")
+    np.save(tmp_path / "a.npy", x_test[0])
+    np.save(tmp_path / "c.npy", x_test[1])
+    (tmp_path / "bad.txt").write_text("not a picture")
+    images = [str(tmp_path / name) for name in ["a.npy", "bad.txt", "c.npy"]]
+    result = CliRunner().invoke(main, ["predict", model_file] + images)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    expected = load_tflite(model_file).predict(x_test[:2]).argmax(-1)
+    assert lines[0].startswith(f"{images[0]}: {expected[0]} (")
+    assert lines[1] == f"Error: {images[1]}: unknown image type .txt; pass a .png, .jpg, .jpeg or .npy file"
+    assert lines[2].startswith(f"{images[2]}: {expected[1]} (") and len(lines) == 3
+    assert "Traceback" not in result.output
+
+    # A model that cannot be loaded: one line before any image.
+    (tmp_path / "model.tflite").write_bytes(b"junk")
+    result = CliRunner().invoke(main, ["predict", str(tmp_path / "model.tflite")] + images)
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {tmp_path / 'model.tflite'}: not a TFLite model"), lines
+
+
+@pytest.mark.slow
+def test_every_predict_form_of_the_readme_works(exported, mnist, tmp_path):
+    (_, _), (x_test, _) = mnist
+    model_file = os.path.join(exported["export_dir"], "model_int8.tflite")
+    np.save(tmp_path / "two.npy", x_test[1])
+    two = str(tmp_path / "two.npy")
+    # --digits is a flag wherever it stands; --max-digits N limits it wherever it stands.
+    numbers = set()
+    for args in [[model_file, "--digits", NUMBER_PHOTO], [model_file, NUMBER_PHOTO, "--digits"],
+                 ["--digits", model_file, NUMBER_PHOTO], [model_file, "--max-digits", "4", NUMBER_PHOTO, "--digits"],
+                 [model_file, "--digits", NUMBER_PHOTO, "--max-digits", "10", "--runtime", "litert"]]:
+        result = CliRunner().invoke(main, ["predict"] + args)
+        assert result.exit_code == 0, (args, result.output)
+        assert re.fullmatch(r".*number-012\.jpg: \d{4} \((\d \d\.\d{3}, ){3}\d \d\.\d{3}\)", result.output.strip()), (
+            args, result.output)
+        numbers.add(result.output)
+    assert len(numbers) == 1
+    result = CliRunner().invoke(main, ["predict", model_file, NUMBER_PHOTO, "--max-digits", "3", "--digits"])
+    assert result.exit_code == 1 and "found 4 digits, more than the 3 allowed" in result.output
+
+    crops = tmp_path / "crops"
+    result = CliRunner().invoke(main, ["predict", model_file, two, "--top", "3", "--debug-dir", str(crops)])
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r".*two\.npy: (\d \(\d\.\d{3}\), ){2}\d \(\d\.\d{3}\)", result.output.strip()), result.output
+    assert os.listdir(crops) == ["two.png"]  # `--runtime micro`: test_micro.py
 
 
 def test_fit_digit_rejects_a_blank_array():
