@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from kernorm.data import load_mnist
+from kernorm.data import load_mnist, recorded_data_dir
 from kernorm.errors import KernormError
 from kernorm.files import prepare_output_dir, write_bytes, write_json, write_text
 from kernorm.models import load_model
@@ -162,7 +162,9 @@ def export(config, overwrite=False, verbose=True):
     if config.max_drop < 0:
         raise KernormError(f"--max-drop {config.max_drop}: the accepted drop cannot be negative")
     keras_model = load_model(config.model_file)
-    (x_train, _), (x_test, y_test) = load_mnist(config.data_dir)
+    # A run folder's model reads MNIST from the folder the run was trained on, after --data-dir and the variable.
+    recorded = recorded_data_dir(os.path.join(os.path.dirname(config.model_file), "config.json"))
+    (x_train, _), (x_test, y_test) = load_mnist(config.data_dir, recorded)
     calibration = calibration_images(x_train, config.calibration) if "int8" in quantizations else None
     out_dir = config.out_dir
     prepare_output_dir(out_dir, overwrite)

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from kernorm import rundir
 from kernorm.backup import Backup
-from kernorm.data import load_mnist, make_dataset, split_validation
+from kernorm.data import find_data_dir, load_mnist, make_dataset, recorded_data_dir, split_validation
 from kernorm.distribution import make_strategy, plan_strategy
 from kernorm.errors import KernormError
 from kernorm.files import remove_leftovers
@@ -38,7 +38,9 @@ def train(config, overwrite=False, verbose=True):
     The folder gets `config.json`, then after every epoch `history.csv`,
     `metrics.json` and `model.keras`, and the per-image test predictions of
     the final model (and of the epoch chosen on the validation images) (see
-    `kernorm.rundir`). A backup after
+    `kernorm.rundir`). MNIST comes from the folder `kernorm.data.find_data_dir`
+    picks (the run folder's recorded one after `config.data_dir` and
+    `KERNORM_DATA_DIR`), which `config.json` records. A backup after
     every epoch (and every `backup_every` steps) lets a killed run resume:
     rerunning the same configuration continues from the backup, which is
     deleted when the run finishes. Ctrl-C stops after keeping the finished
@@ -58,7 +60,10 @@ def train(config, overwrite=False, verbose=True):
     """
     config.check()
     plan = plan_strategy(config.strategy, config.devices, config.cpu_replicas)
-    (x_train, y_train), test = load_mnist(config.data_dir)
+    # A resumed run reads the folder it was trained on unless told otherwise; the folder read is recorded.
+    recorded = recorded_data_dir(os.path.join(config.run_dir, rundir.CONFIG))
+    config = dataclasses.replace(config, data_dir=find_data_dir(config.data_dir, recorded))
+    (x_train, y_train), test = load_mnist(config.data_dir, recorded)
     if config.limit:
         x_train, y_train = x_train[:config.limit], y_train[:config.limit]
     train_data, validation = split_validation(x_train, y_train, config.validation)
