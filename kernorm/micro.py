@@ -8,8 +8,8 @@ it needs, and writes the model as the C++ source and header a TFLM program
 compiles in (`c_sources`). `MicroModel` classifies images through TFLM, for
 `kernorm predict --runtime micro`.
 
-Like `kernorm.runtime`, it imports neither TensorFlow nor Keras (`check`'s
-progress bars, which only `kernorm export` shows, import Keras when shown).
+Like `kernorm.runtime`, it imports neither TensorFlow nor Keras; only `check`,
+which `kernorm export` calls, imports Keras, for its progress bars.
 """
 
 import collections
