@@ -66,10 +66,12 @@ def main(verbose):
         quiet_native_logs()
 
 
-def _data_dir(default="Keras's download"):
-    """The --data-dir option every command that reads MNIST shares."""
+def _data_dir(recorded):
+    """The --data-dir option every command that reads MNIST shares; `recorded` names the folder it falls back on
+    (see `kernorm.data.find_data_dir`)."""
     return click.option("--data-dir", type=click.Path(), envvar="KERNORM_DATA_DIR",
-                        help=f"Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR]; default: {default}.")
+                        help=f"Folder with the four MNIST IDX files [env: KERNORM_DATA_DIR]; default: {recorded}, "
+                             f"else Keras's download (needs internet).")
 
 
 _LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
@@ -116,7 +118,7 @@ def _device_list(ctx, param, value):
 @click.option("--augment/--no-augment", default=_DEFAULTS.augment, show_default=True,
               help="Rotate and shift training images at random (never test images, never the model).")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
-@_data_dir()
+@_data_dir("the folder the run folder recorded, when it resumes")
 @_LIMIT
 @_VALIDATION
 @click.option("--out", default=None,
@@ -193,7 +195,7 @@ def _axis(name, item_type, what):
               help="Seeds per cell: 1 to N.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs of every run [default: the preset's].")
 @_VALIDATION
-@_data_dir()
+@_data_dir("the folder OUT/sweep.json recorded")
 @_LIMIT
 @click.option("--out", type=click.Path(file_okay=False), default=SweepConfig.out, show_default=True,
               help="Sweep folder; runs go to OUT/runs/<cell>-seed<N>.")
@@ -234,7 +236,7 @@ _RUN = click.Path(exists=True, file_okay=False)
 @_VALIDATION
 @click.option("--out", type=click.Path(file_okay=False), default=ReproduceConfig.out, show_default=True,
               help="Report folder; the run folders go to OUT/runs/<experiment>-seed<N>.")
-@_data_dir()
+@_data_dir("the folder OUT/reproduce.json recorded")
 @_LIMIT
 @_JOBS
 @click.pass_context
@@ -272,7 +274,7 @@ def plot(runs, out):
 @click.argument("run", type=_RUN)
 @click.option("--count", type=click.IntRange(min=1), default=20, show_default=True, help="Images to show.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Figure file (.png, .pdf, .svg).")
-@_data_dir(default="the run's own")
+@_data_dir("the folder the run recorded")
 def gallery(run, count, out, data_dir):
     """Show the first COUNT test images that RUN's model gets wrong, captioned."""
     from kernorm import reports
@@ -281,7 +283,7 @@ def gallery(run, count, out, data_dir):
     from kernorm.rundir import load_run
 
     loaded = load_run(run)
-    _, (x_test, y_test) = load_mnist(data_dir or loaded.config.data_dir)
+    _, (x_test, y_test) = load_mnist(data_dir, loaded.config.data_dir)
     probs = reports.predict_probs(load_model(loaded.model_file), x_test)
     title = f"{loaded.label}, after epoch {loaded.metrics['epochs_completed']}"
     reports.save_figure(reports.draw_gallery(x_test, y_test, probs, count, title=title), out)
@@ -290,7 +292,7 @@ def gallery(run, count, out, data_dir):
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=_RUN)
-@_data_dir(default="the first run's own")
+@_data_dir("the folder the first run recorded")
 def compare(runs, data_dir):
     """Print a markdown table of the runs' parameters, accuracies and speed.
 
@@ -303,7 +305,7 @@ def compare(runs, data_dir):
     loaded = [load_run(run) for run in runs]
     click.echo(reports.results_markdown([reports.summarize_run(run) for run in loaded]), nl=False)
     if len(loaded) == 2:
-        _, (_, y_test) = load_mnist(data_dir or loaded[0].config.data_dir)
+        _, (_, y_test) = load_mnist(data_dir, loaded[0].config.data_dir)
         click.echo("\n" + findings.mcnemar_line(*loaded, y_test))
 
 
@@ -355,7 +357,7 @@ _EXPORT_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Ex
               help="Also run the int8 and float32 models under TensorFlow Lite Micro (it must match LiteRT's "
                    "accuracy), measure their arena, and write each as C++ source and header [pip install "
                    "'kernorm[micro]'].")
-@_data_dir()
+@_data_dir("the folder the run folder recorded")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
 def export(overwrite, **options):
     """Convert a trained model to TFLite and check it on the test set with LiteRT.

@@ -1,4 +1,4 @@
-"""What kernorm's commands print: kernorm's own lines, not TensorFlow's or LiteRT's native logs.
+"""What kernorm's commands print: kernorm's own lines and progress bars, not TensorFlow's or LiteRT's native logs.
 
 TensorFlow, XLA and LiteRT log from C++ straight to the process's standard
 error (file descriptor 2): start-up banners, "failed call to cuInit" on every
@@ -41,3 +41,32 @@ def quiet_native_logs():
     os.dup2(devnull, 2)
     os.close(devnull)
     sys.stderr = sys.__stderr__ = real
+
+
+def interactive():
+    """Whether standard output is a terminal, where progress bars redraw in place."""
+    return sys.stdout.isatty()
+
+
+def progress_bar(target, title=None, verbose=True, unit_name="step", stateful_metrics=None):
+    """A `keras.utils.Progbar` of `target` steps: how every kernorm command shows a long step's progress.
+
+    On a terminal the bar is redrawn in place. Where standard output is a file
+    or a pipe it prints one plain line when it reaches `target`, without escape
+    codes or redraws (Keras's own bar redraws on every POSIX system, terminal or not).
+
+    Args:
+        target: the steps in all.
+        title: a line printed first, saying what the bar counts; None prints none.
+        verbose: False shows nothing, not even the title.
+        unit_name, stateful_metrics: as `keras.utils.Progbar` takes them.
+
+    Returns:
+        The `Progbar`: `update(current)` or `add(steps)` moves it.
+    """
+    import keras  # here, not above: the CLI and `kernorm predict` start without Keras
+
+    if verbose and title:
+        print(title, flush=True)
+    mode = (1 if interactive() else 2) if verbose else 0
+    return keras.utils.Progbar(target, verbose=mode, unit_name=unit_name, stateful_metrics=stateful_metrics)

@@ -1,6 +1,7 @@
 """MNIST: a small IDX reader for offline copies, Keras's download otherwise, and the tf.data input pipeline."""
 
 import gzip
+import json
 import math
 import os
 
@@ -68,33 +69,75 @@ def _check(images, labels, split):
         raise KernormError(f"MNIST {split} labels: found {labels.max()}, labels must lie in 0-9")
 
 
-def load_mnist(data_dir=None):
-    """Loads MNIST as uint8 arrays.
+def recorded_data_dir(path):
+    """The MNIST folder a run, sweep or study recorded: the `data_dir` of its JSON file at `path`.
 
     Args:
-        data_dir: a folder with the four standard IDX files (gzip or raw).
-            Defaults to the `KERNORM_DATA_DIR` environment variable; when neither
-            is set, Keras's `mnist.load_data()` downloads the data.
+        path: a `config.json`, `sweep.json` or `reproduce.json`.
+
+    Returns:
+        The folder's path as written there; None when the file, or its entry, is missing or unreadable.
+    """
+    try:
+        with open(path) as f:
+            recorded = json.load(f).get("data_dir")
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, not a JSON object: nothing recorded
+        return None
+    return recorded if isinstance(recorded, str) and recorded else None
+
+
+def find_data_dir(data_dir=None, recorded=None):
+    """The MNIST folder a command reads, by one rule for every command.
+
+    The first of: `data_dir` (the `--data-dir` option), the `KERNORM_DATA_DIR`
+    environment variable, and `recorded` (the folder a run was trained on,
+    see `recorded_data_dir`) when it still exists; None stands for Keras's download.
+
+    Args:
+        data_dir: the folder the user named, or None.
+        recorded: the folder the run recorded, or None.
+
+    Returns:
+        A folder's path, or None.
+    """
+    chosen = data_dir or os.environ.get(DATA_DIR_ENV)
+    if chosen:
+        return chosen
+    return recorded if recorded and os.path.isdir(recorded) else None
+
+
+def load_mnist(data_dir=None, recorded=None):
+    """Loads MNIST as uint8 arrays, from the folder `find_data_dir` picks or else Keras's download.
+
+    Args:
+        data_dir: a folder with the four standard IDX files (gzip or raw), or None.
+        recorded: the folder the run was trained on, tried after `KERNORM_DATA_DIR`.
 
     Returns:
         `(x_train, y_train), (x_test, y_test)`: images `(N, 28, 28)` and labels `(N,)`, uint8.
     """
-    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
-    if data_dir:
-        if not os.path.isdir(data_dir):
-            raise KernormError(f"data directory {data_dir} does not exist; pass --data-dir with the MNIST IDX files")
-        arrays = {key: read_idx(_find(data_dir, stem)) for key, stem in FILES.items()}
+    folder = find_data_dir(data_dir, recorded)
+    if folder:
+        if not os.path.isdir(folder):
+            raise KernormError(f"data directory {folder} does not exist; pass --data-dir with the MNIST IDX files")
+        arrays = {key: read_idx(_find(folder, stem)) for key, stem in FILES.items()}
         train = arrays["train_images"], arrays["train_labels"]
         test = arrays["test_images"], arrays["test_labels"]
     else:
-        try:
-            train, test = keras.datasets.mnist.load_data()
-        except Exception as e:  # any network or cache failure ends in the same advice
-            raise KernormError(f"downloading MNIST failed ({type(e).__name__}); pass --data-dir DIR "
-                               f"(or set {DATA_DIR_ENV}) with the four MNIST IDX files") from None
+        train, test = _download(recorded)
     _check(*train, "train")
     _check(*test, "test")
     return train, test
+
+
+def _download(recorded):
+    try:
+        return keras.datasets.mnist.load_data()
+    except Exception as e:  # any network or cache failure ends in the same advice, naming its cause
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        missing = f"; the run's folder {recorded} does not exist here" if recorded else ""
+        raise KernormError(f"downloading MNIST failed ({cause}){missing}; pass --data-dir DIR (or set "
+                           f"{DATA_DIR_ENV}) with the four MNIST IDX files") from None
 
 
 # Training-time augmentation: small rotations and shifts, as handwriting varies.

@@ -8,7 +8,8 @@ it needs, and writes the model as the C++ source and header a TFLM program
 compiles in (`c_sources`). `MicroModel` classifies images through TFLM, for
 `kernorm predict --runtime micro`.
 
-Like `kernorm.runtime`, it imports neither TensorFlow nor Keras.
+Like `kernorm.runtime`, it imports neither TensorFlow nor Keras; only `check`,
+which `kernorm export` calls, imports Keras, for its progress bars.
 """
 
 import collections
@@ -19,6 +20,7 @@ import sys
 
 import numpy as np
 
+from kernorm.console import progress_bar
 from kernorm.errors import KernormError
 from kernorm.runtime import TFLiteModel, dequantize, graph_ops, quantize
 
@@ -76,7 +78,11 @@ def tflm_error(flatbuffer, arena_size):
     return (named or lines or [f"TFLM exited with status {result.returncode}"])[0]
 
 
-def smallest_arena(flatbuffer):
+# Tries of the arena search: bisection from 0 to HOST_ARENA_BYTES, one try per halving.
+ARENA_TRIES = math.ceil(math.log2(HOST_ARENA_BYTES))
+
+
+def smallest_arena(flatbuffer, bar=None):
     """The fewest tensor-arena bytes with which TFLM allocates and runs a model, found by bisection.
 
     Measured on this host: a 64-bit CPU, whose pointers make TFLM's own
@@ -86,6 +92,7 @@ def smallest_arena(flatbuffer):
 
     Args:
         flatbuffer: the `.tflite` bytes of a model TFLM runs in `HOST_ARENA_BYTES`.
+        bar: a `keras.utils.Progbar` of `ARENA_TRIES` steps, advanced by each try; None shows nothing.
 
     Returns:
         The arena size in bytes: it runs, one byte less does not.
@@ -97,6 +104,8 @@ def smallest_arena(flatbuffer):
             runs = middle
         else:
             fails = middle
+        if bar:
+            bar.add(1)
     return runs
 
 
@@ -151,7 +160,16 @@ class MicroModel(TFLiteModel):
         return dequantize(np.stack(outputs), self.output_details)
 
 
-def check(flatbuffer, x_test, y_test, name="model"):
+def in_chunks(logits, images, bar):
+    """`logits(images)` computed `LITERT_BATCH` images at a time, advancing `bar` (a `keras.utils.Progbar`) by each."""
+    outputs = []
+    for i in range(0, len(images), LITERT_BATCH):
+        outputs.append(logits(images[i:i + LITERT_BATCH]))
+        bar.add(len(outputs[-1]))
+    return np.concatenate(outputs)
+
+
+def check(flatbuffer, x_test, y_test, name="model", verbose=False):
     """Runs a model under TFLM on the test set, compares it with LiteRT and measures its memory.
 
     The comparison is with LiteRT's reference kernels on the same file
@@ -164,6 +182,8 @@ def check(flatbuffer, x_test, y_test, name="model"):
         flatbuffer: the `.tflite` bytes.
         x_test, y_test: the test images `(N, 28, 28)` and labels `(N,)`.
         name: what messages call the model.
+        verbose: show a progress bar over each step: TFLM's and LiteRT's passes over the test
+            images, and the arena search.
 
     Returns:
         A dict: `passed`, `failure` (why not, one line; None when passed), and
@@ -176,11 +196,15 @@ def check(flatbuffer, x_test, y_test, name="model"):
     error = tflm_error(flatbuffer, HOST_ARENA_BYTES)
     if error:
         return {"passed": False, "failure": f"TFLM cannot run it ({error})"}
-    pred = MicroModel(flatbuffer, name).logits(x_test).argmax(-1)
-    litert_pred = TFLiteModel(flatbuffer, name, reference=True).logits(x_test, LITERT_BATCH).argmax(-1)
+    count = f"{len(x_test):,} test images"
+    bar = progress_bar(len(x_test), f"{name}: TFLM on {count}", verbose, unit_name="image")
+    pred = in_chunks(MicroModel(flatbuffer, name).logits, x_test, bar).argmax(-1)
+    bar = progress_bar(len(x_test), f"{name}: LiteRT's reference kernels on {count}", verbose, unit_name="image")
+    litert_pred = in_chunks(TFLiteModel(flatbuffer, name, reference=True).logits, x_test, bar).argmax(-1)
     acc, litert_acc = float((pred == y_test).mean()), float((litert_pred == y_test).mean())
     failure = f"{100 * acc:.2f} % under TFLM, {100 * litert_acc:.2f} % under LiteRT's reference kernels"
-    arena = smallest_arena(flatbuffer)
+    bar = progress_bar(ARENA_TRIES, f"{name}: TFLM's smallest arena, {ARENA_TRIES} tries", verbose, unit_name="try")
+    arena = smallest_arena(flatbuffer, bar)
     ops = graph_ops(flatbuffer)
     return {
         "passed": acc == litert_acc,

@@ -215,11 +215,14 @@ def draw_confusion(matrix, title="Confusion matrix"):
 
 SUMMARY_FIELDS = ["params", "best_train_acc", "best_test_acc", "best_epoch", "final_test_acc",
                   "seconds_per_epoch", "epochs_completed"]
+# With a validation split: the epoch chosen on it and its test accuracy (runs trained before it existed lack them).
+CHOSEN_FIELDS = ["chosen_test_acc", "chosen_epoch"]
 
 
 def summarize_run(run):
     """A run's row of the results table: its label and folder, and its `metrics.json` figures."""
-    return {"experiment": run.label, "run": run.path, **{key: run.metrics[key] for key in SUMMARY_FIELDS}}
+    return {"experiment": run.label, "run": run.path, **{key: run.metrics[key] for key in SUMMARY_FIELDS},
+            **{key: run.metrics.get(key) for key in CHOSEN_FIELDS}}
 
 
 def _percent(value):
@@ -227,21 +230,27 @@ def _percent(value):
 
 
 def results_markdown(rows):
-    """A markdown table of `summarize_run` rows (accuracies in percent).
+    """A markdown table of `summarize_run` rows (accuracies in percent), one per run, named by its folder.
 
-    Rows that carry a `"study"` dict (`best_train_acc`, `best_test_acc`,
-    `notebook_best_test_acc`, `notebook_final_test_acc`) get the study's own
-    figures in extra columns beside ours.
+    Rows of runs trained with a validation split get the test accuracy at the
+    epoch chosen on it in a column of its own. Rows that carry a `"study"`
+    dict (`best_train_acc`, `best_test_acc`, `notebook_best_test_acc`,
+    `notebook_final_test_acc`) get the study's own figures in extra columns beside ours.
     """
     study = any("study" in row for row in rows)
-    head = ["experiment", "params", "best train acc", "best test acc (epoch)", "final test acc", "s / epoch"]
+    chosen = any(row.get("chosen_epoch") for row in rows)
+    head = ["run", "experiment", "params", "best train acc", "best test acc (epoch)", "final test acc", "s / epoch"]
+    if chosen:
+        head.insert(5, "chosen on validation: test acc (epoch)")
     if study:
         head += ["study: best train / best test", "study notebook: best / final test"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["experiment"], f"{row['params']:,}", _percent(row["best_train_acc"]),
-                 f"{_percent(row['best_test_acc'])} ({row['best_epoch'] or '–'})", _percent(row["final_test_acc"]),
-                 f"{row['seconds_per_epoch']:.1f}"]
+        cells = [os.path.basename(os.path.normpath(row["run"])), row["experiment"], f"{row['params']:,}",
+                 _percent(row["best_train_acc"]), f"{_percent(row['best_test_acc'])} ({row['best_epoch'] or '–'})",
+                 _percent(row["final_test_acc"]), f"{row['seconds_per_epoch']:.1f}"]
+        if chosen:
+            cells.insert(5, f"{_percent(row.get('chosen_test_acc'))} ({row.get('chosen_epoch') or '–'})")
         if study:
             s = row.get("study") or {}
             cells += [f"{_percent(s.get('best_train_acc'))} / {_percent(s.get('best_test_acc'))}",

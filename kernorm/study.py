@@ -14,7 +14,7 @@ import dataclasses
 import os
 
 from kernorm import findings, reports
-from kernorm.data import load_mnist
+from kernorm.data import find_data_dir, load_mnist, recorded_data_dir
 from kernorm.files import write_json, write_text
 from kernorm.models import load_model
 from kernorm.rundir import load_run
@@ -69,6 +69,10 @@ def reproduce(config, jobs=None, verbose=True):
     Returns:
         The rows of `results.json`.
     """
+    # The folder the study was started on, unless told otherwise; every run reads, and reproduce.json records, it.
+    recorded = recorded_data_dir(os.path.join(config.out, CONFIG_FILE))
+    config = dataclasses.replace(config, data_dir=find_data_dir(config.data_dir, recorded))
+    load_mnist(config.data_dir, recorded)  # missing or damaged MNIST: one line now, before anything is written
     os.makedirs(config.out, exist_ok=True)
     write_json(os.path.join(config.out, CONFIG_FILE), dataclasses.asdict(config))
     runs = [config.train_config(e, seed) for seed in range(1, config.seeds + 1) for e in EXPERIMENTS]

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from kernorm import findings, rundir
 from kernorm.config import DEFAULT_GROUPS, PRESETS
-from kernorm.data import load_mnist, split_validation
+from kernorm.data import find_data_dir, load_mnist, recorded_data_dir, split_validation
 from kernorm.errors import KernormError
 from kernorm.models import build_model
 from kernorm.train import train
@@ -88,13 +88,14 @@ def seed_major(cells):
     return [cell.runs[seed] for seed in range(len(cells[0].runs)) for cell in cells]
 
 
-def check_cells(cells, data_dir):
+def check_cells(cells, data_dir, recorded=None):
     """Raises a `KernormError` for a cell that cannot train, before anything is written:
-    a norm whose groups do not divide a layer's channels, a validation split too large."""
+    a norm whose groups do not divide a layer's channels, a validation split too large, MNIST
+    missing (`data_dir` and `recorded` as `kernorm.data.load_mnist` takes them)."""
     for cell in cells:
         build_model(**cell.runs[0].network())
         keras.backend.clear_session()
-    (x_train, y_train), _ = load_mnist(data_dir)
+    (x_train, y_train), _ = load_mnist(data_dir, recorded)
     config = cells[0].runs[0]
     if config.limit:
         x_train, y_train = x_train[:config.limit], y_train[:config.limit]
@@ -199,9 +200,12 @@ def sweep(config, jobs=None, shard=(1, 1), report_only=False, verbose=True):
     Returns:
         The report's `results.json` content.
     """
+    # The folder the sweep was started on, unless told otherwise; every run reads, and sweep.json records, it.
+    recorded = recorded_data_dir(os.path.join(config.out, SWEEP_FILE))
+    config = dataclasses.replace(config, data_dir=find_data_dir(config.data_dir, recorded))
     cells = cells_of(config.check())
     if not report_only:
-        check_cells(cells, config.data_dir)
+        check_cells(cells, config.data_dir, recorded)
         os.makedirs(config.out, exist_ok=True)
         config.save(os.path.join(config.out, SWEEP_FILE))
         index, count = shard

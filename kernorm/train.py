@@ -19,7 +19,8 @@ import tensorflow as tf
 
 from kernorm import rundir
 from kernorm.backup import Backup
-from kernorm.data import load_mnist, make_dataset, split_validation
+from kernorm.console import interactive, progress_bar
+from kernorm.data import find_data_dir, load_mnist, make_dataset, recorded_data_dir, split_validation
 from kernorm.distribution import make_strategy, plan_strategy
 from kernorm.errors import KernormError
 from kernorm.files import remove_leftovers
@@ -38,7 +39,9 @@ def train(config, overwrite=False, verbose=True):
     The folder gets `config.json`, then after every epoch `history.csv`,
     `metrics.json` and `model.keras`, and the per-image test predictions of
     the final model (and of the epoch chosen on the validation images) (see
-    `kernorm.rundir`). A backup after
+    `kernorm.rundir`). MNIST comes from the folder `kernorm.data.find_data_dir`
+    picks (the run folder's recorded one after `config.data_dir` and
+    `KERNORM_DATA_DIR`), which `config.json` records. A backup after
     every epoch (and every `backup_every` steps) lets a killed run resume:
     rerunning the same configuration continues from the backup, which is
     deleted when the run finishes. Ctrl-C stops after keeping the finished
@@ -51,14 +54,18 @@ def train(config, overwrite=False, verbose=True):
     Args:
         config: a `kernorm.config.TrainConfig`.
         overwrite: replace an existing run folder, finished or not.
-        verbose: print the model summary, a progress bar per epoch and test figures.
+        verbose: print the model summary, a progress bar per epoch and test figures; where
+            standard output is not a terminal, one plain line per epoch instead of the bar.
 
     Returns:
         The metrics dict also written to `metrics.json`.
     """
     config.check()
     plan = plan_strategy(config.strategy, config.devices, config.cpu_replicas)
-    (x_train, y_train), test = load_mnist(config.data_dir)
+    # A resumed run reads the folder it was trained on unless told otherwise; the folder read is recorded.
+    recorded = recorded_data_dir(os.path.join(config.run_dir, rundir.CONFIG))
+    config = dataclasses.replace(config, data_dir=find_data_dir(config.data_dir, recorded))
+    (x_train, y_train), test = load_mnist(config.data_dir, recorded)
     if config.limit:
         x_train, y_train = x_train[:config.limit], y_train[:config.limit]
     train_data, validation = split_validation(x_train, y_train, config.validation)
@@ -202,11 +209,10 @@ def _train(config, plan, resume, out, train_data, eval_data, verbose):
         _print_start(config, plan, setup, params, resume, backup)
     every = config.backup_every or setup.steps_per_epoch
     history, interrupted, start = backup.history, False, time.perf_counter()
+    live = verbose and interactive()  # a bar redrawn on a terminal; into a file, one line per epoch
     try:
         for epoch in range(int(backup.epoch) + 1, config.epochs + 1):
-            if verbose:
-                print(f"Epoch {epoch}/{config.epochs}")
-            totals, seconds = _train_epoch(config, setup, backup, epoch, every, verbose, history)
+            totals, seconds = _train_epoch(config, setup, backup, epoch, every, live, history)
             lr = float(f"{setup.optimizer.learning_rate.numpy():.6g}")
             row = {"epoch": epoch, **_means("train", totals)}
             for name, evaluation in evaluations.items():
@@ -225,8 +231,11 @@ def _train(config, plan, resume, out, train_data, eval_data, verbose):
                         if key in row:
                             tf.summary.scalar(key, row[key])
             if verbose:
+                trained = "" if live else (f"Epoch {epoch}/{config.epochs} - loss {row['train_loss']:.4f} - "
+                                           f"acc {row['train_acc']:.4f} - ")
                 held_out = f"val_acc {row['val_acc']:.4f} - " if "val_acc" in row else ""
-                print(f"{held_out}test_loss {row['test_loss']:.4f} - test_acc {row['test_acc']:.4f} - {seconds:.1f}s")
+                print(f"{trained}{held_out}test_loss {row['test_loss']:.4f} - test_acc {row['test_acc']:.4f} - "
+                      f"{seconds:.1f}s", flush=True)
     except KeyboardInterrupt:
         interrupted = True
     if not interrupted:
@@ -241,19 +250,21 @@ def _train(config, plan, resume, out, train_data, eval_data, verbose):
     return metrics
 
 
-def _train_epoch(config, setup, backup, epoch, every, verbose, history):
+def _train_epoch(config, setup, backup, epoch, every, show_bar, history):
     """Trains epoch `epoch` from where the backup stands; returns its `[loss, correct, count]` sums and seconds.
 
     Each epoch shuffles and augments from its own streams, `epoch_seeds(seed,
     epoch)`, so its order is the same whether the run went straight through or
-    resumed from a backup. A backup is taken every `every` steps within the epoch.
+    resumed from a backup. A backup is taken every `every` steps within the epoch. `show_bar`: show
+    the epoch's title and progress bar.
     """
     # Zero, unless this epoch resumes from a backup taken within it.
     done, totals = int(backup.step), tf.convert_to_tensor(backup.totals)
     dataset = make_dataset(*setup.train_data, config.batch_size, seed=config.seed, epoch=epoch,
                            augment_images=config.augment).skip(done)
     iterator = iter(_distribute(setup.strategy, dataset))
-    bar = keras.utils.Progbar(setup.steps_per_epoch, verbose=int(verbose), stateful_metrics=["loss", "acc"])
+    bar = progress_bar(setup.steps_per_epoch, f"Epoch {epoch}/{config.epochs}", show_bar,
+                       stateful_metrics=["loss", "acc"])
     t0 = time.perf_counter() - float(backup.seconds)
     while done < setup.steps_per_epoch:
         steps = min(STEPS_PER_CALL, setup.steps_per_epoch - done, every - done % every)

@@ -1,9 +1,10 @@
 import gzip
+import os
 
 import numpy as np
 import pytest
 
-from kernorm.data import FILES, epoch_seeds, load_mnist, make_dataset, read_idx
+from kernorm.data import FILES, epoch_seeds, find_data_dir, load_mnist, make_dataset, read_idx, recorded_data_dir
 from kernorm.errors import KernormError
 
 
@@ -93,16 +94,95 @@ def test_label_out_of_range(tmp_path):
         load_mnist(str(tmp_path))
 
 
-def test_failed_download_says_to_pass_data_dir(monkeypatch):
+def fail_download(monkeypatch):
+    """Takes the network away: Keras's download fails as it does offline."""
     import keras
 
     def offline():
-        raise OSError("no network")
+        raise Exception("URL fetch failure on https://example/mnist.npz: None -- [Errno -2] Name or service not "
+                        "known\n(a second line of detail)")
 
     monkeypatch.delenv("KERNORM_DATA_DIR", raising=False)
     monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
-    with pytest.raises(KernormError, match="--data-dir"):
+
+
+def test_one_rule_finds_mnist_option_then_variable_then_the_run_s_folder(tmp_path, monkeypatch):
+    folders = []
+    for name, train_images in (("option", 1), ("variable", 2), ("recorded", 3)):
+        (tmp_path / name).mkdir()
+        folders.append(str(make_dir(tmp_path / name, n_train=train_images)))
+    option, variable, recorded = folders
+    monkeypatch.setenv("KERNORM_DATA_DIR", variable)
+    assert find_data_dir(option, recorded) == option
+    assert len(load_mnist(option, recorded)[0][0]) == 1
+    assert find_data_dir(None, recorded) == variable
+    assert len(load_mnist(None, recorded)[0][0]) == 2
+    monkeypatch.delenv("KERNORM_DATA_DIR")
+    assert find_data_dir(None, recorded) == recorded
+    assert len(load_mnist(None, recorded)[0][0]) == 3
+    # A folder the run recorded that is gone is passed over, to Keras's download (None).
+    assert find_data_dir(None, str(tmp_path / "gone")) is None and find_data_dir() is None
+
+
+def test_recorded_folder_is_the_data_dir_of_a_config_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"norm": "ln", "data_dir": "../mnist"}')
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert recorded_data_dir(str(tmp_path / "config.json")) == "../mnist"
+    assert recorded_data_dir(str(tmp_path / "bad.json")) is None
+    assert recorded_data_dir(str(tmp_path / "missing.json")) is None
+
+
+def test_failed_download_names_its_cause_and_the_fix_in_one_line(monkeypatch, tmp_path):
+    fail_download(monkeypatch)
+    with pytest.raises(KernormError) as error:
         load_mnist()
+    assert str(error.value) == ("downloading MNIST failed (URL fetch failure on https://example/mnist.npz: None -- "
+                                "[Errno -2] Name or service not known); pass --data-dir DIR (or set "
+                                "KERNORM_DATA_DIR) with the four MNIST IDX files")
+    gone = str(tmp_path / "gone")
+    with pytest.raises(KernormError, match=f"Name or service not known\\); the run's folder {gone} does not exist "
+                                           f"here; pass --data-dir DIR") as error:
+        load_mnist(None, gone)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_every_command_reads_the_folder_the_run_recorded(tmp_path, monkeypatch):
+    """train records the folder it read; train (again), export, gallery and compare fall back on it, offline."""
+    from click.testing import CliRunner
+
+    from kernorm.cli import main
+
+    data = tmp_path / "mnist"
+    data.mkdir()
+    make_dir(data)
+    run = str(tmp_path / "run")
+    monkeypatch.setenv("KERNORM_DATA_DIR", str(data))
+    train = ["train", "--epochs", "1", "--out", run]
+    result = CliRunner().invoke(main, train)
+    assert result.exit_code == 0, result.output
+    assert recorded_data_dir(os.path.join(run, "config.json")) == str(data)
+
+    fail_download(monkeypatch)
+    result = CliRunner().invoke(main, train + ["--overwrite"])
+    assert result.exit_code == 0, result.output
+    # export reads the run's 6 training images: too few for 500 calibration images.
+    result = CliRunner().invoke(main, ["export", run])
+    assert result.exit_code == 1
+    assert "--calibration 500: choose between 1 and the 6 training images" in result.output
+    result = CliRunner().invoke(main, ["gallery", run, "--out", str(tmp_path / "wrong.png")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["compare", run, run])
+    assert result.exit_code == 0 and "McNemar's exact test, run against run: 0 test images" in result.output
+
+    os.rename(data, tmp_path / "moved")
+    for command in (["export", run], ["gallery", run, "--out", str(tmp_path / "wrong.png")], ["compare", run, run]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.output.splitlines()[-1] == (  # compare prints its table first
+            f"Error: downloading MNIST failed (URL fetch failure on https://example/mnist.npz: None -- [Errno -2] "
+            f"Name or service not known); the run's folder {data} does not exist here; pass --data-dir DIR (or set "
+            f"KERNORM_DATA_DIR) with the four MNIST IDX files")
 
 
 def test_read_idx_shape(data_dir):

@@ -41,6 +41,18 @@ def test_export_writes_every_checked_model_and_its_report(exported, mnist):
 
 
 @pytest.mark.slow
+def test_export_shows_each_model_s_steps_plainly_into_a_pipe(exported):
+    lines = exported["output"].splitlines()
+    assert "\x1b" not in exported["output"] and "\r" not in exported["output"]
+    for quantize in ALL_QUANTIZATIONS:
+        start = lines.index(f"the {quantize} model: converting")
+        assert lines[start + 1] == (f"the {quantize} model: LiteRT on 10,000 test images, then 1,000 timed "
+                                    f"one by one")
+        assert lines[start + 2].startswith("11000/11000 - ") and lines[start + 2].endswith("/image")
+        assert lines[start + 3].startswith(f"{quantize:8s} acc")
+
+
+@pytest.mark.slow
 def test_int8_model_has_uint8_raw_pixel_input_and_is_smaller(exported):
     models = read_json(exported["export_dir"], "export.json")["models"]
     assert models["float32"]["input"] == {"dtype": "float32", "quantization": [0.0, 0]}

@@ -65,6 +65,19 @@ def test_micro_export_writes_the_model_its_sources_and_figures(micro_exported):
 
 
 @pytest.mark.slow
+def test_micro_export_shows_a_bar_for_each_tflm_step(micro_exported):
+    lines = micro_exported["output"].splitlines()
+    assert "\x1b" not in micro_exported["output"] and "\r" not in micro_exported["output"]
+    start = lines.index("the int8 model: TFLM on 10,000 test images")
+    assert lines[start:start + 6:2] == ["the int8 model: TFLM on 10,000 test images",
+                                        "the int8 model: LiteRT's reference kernels on 10,000 test images",
+                                        f"the int8 model: TFLM's smallest arena, {micro.ARENA_TRIES} tries"]
+    assert [line.split(" - ")[0] for line in lines[start + 1:start + 7:2]] == [
+        "10000/10000", "10000/10000", f"{micro.ARENA_TRIES}/{micro.ARENA_TRIES}"]
+    assert lines[start + 6].lstrip().startswith("TFLM acc")
+
+
+@pytest.mark.slow
 def test_source_holds_the_model_bytes_and_header_its_constants(micro_exported, int8_model):
     export_dir = micro_exported["export_dir"]
     source, header = read(export_dir, "model_int8.cc"), read(export_dir, "model_int8.h")

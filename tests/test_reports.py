@@ -97,8 +97,9 @@ def test_plot_and_compare_commands_on_run_folders(tiny_study, tmp_path, data_dir
     result = CliRunner().invoke(main, ["compare", *runs])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].startswith("| experiment | params |") and "study" not in lines[0]
-    assert [line.split(" | ")[0] for line in lines[2:4]] == ["| BN + L1 + L2", "| GN + L1"]
+    assert lines[0].startswith("| run | experiment | params |") and "study" not in lines[0]
+    assert [line.split(" | ")[:2] for line in lines[2:4]] == [["| bn-l1-l2-seed1", "BN + L1 + L2"],
+                                                              ["| gn-l1-seed1", "GN + L1"]]
     # Two runs are also compared image by image, from the test predictions they saved.
     _, (_, labels) = load_mnist(data_dir)
     right = [np.load(os.path.join(run, "test_predictions.npy")) == labels for run in runs]
@@ -148,3 +149,39 @@ def test_user_errors_end_in_one_line(tiny_study, tmp_path):
     shutil.copy(os.path.join(run, "config.json"), half)
     with pytest.raises(KernormError, match="no history.csv"):
         load_run(str(half))
+
+
+def fake_run(folder, seed, validation, test_accs, predictions):
+    """A finished run folder of LN, written as `kernorm train` writes one, without training: its history
+    has `test_accs` per epoch (and validation accuracies peaking at epoch 2 with `validation`)."""
+    from kernorm.config import TrainConfig
+    from kernorm.rundir import PREDICTIONS, summarize, write_metrics, write_predictions
+
+    os.makedirs(folder)
+    TrainConfig(norm="ln", seed=seed, validation=validation, epochs=len(test_accs)).save(
+        os.path.join(folder, "config.json"))
+    history = [{"epoch": epoch, "train_loss": 0.5, "train_acc": 0.9, "test_loss": 0.1, "test_acc": acc,
+                **({"val_loss": 0.1, "val_acc": 0.99 if epoch == 2 else 0.98} if validation else {}),
+                "lr": 0.01, "seconds": 2.0} for epoch, acc in enumerate(test_accs, 1)]
+    with open(os.path.join(folder, "history.csv"), "w") as f:
+        f.write(",".join(history[0]) + "\n" + "".join(",".join(map(str, row.values())) + "\n" for row in history))
+    write_metrics(folder, summarize(history, 4700, 10.0, False))
+    write_predictions(folder, PREDICTIONS, predictions)
+    return str(folder)
+
+
+def test_compare_names_each_run_by_its_folder_and_shows_the_validation_choice(tmp_path, mnist, data_dir):
+    _, (_, labels) = mnist
+    runs = [fake_run(tmp_path / "ln-seed1", 1, 0, [0.981, 0.985, 0.983], labels),
+            fake_run(tmp_path / "ln-seed2", 2, 5000, [0.982, 0.987, 0.984], (labels + 1) % 10)]
+    result = CliRunner().invoke(main, ["compare", *runs, "--data-dir", data_dir])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    head = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:4]]
+    assert head[:2] == ["run", "experiment"] and [row[:2] for row in rows] == [["ln-seed1", "LN"], ["ln-seed2", "LN"]]
+    chosen = head.index("chosen on validation: test acc (epoch)")
+    assert [row[chosen] for row in rows] == ["– (–)", "98.70 (2)"]  # the first run has no validation split
+    best = head.index("best test acc (epoch)")
+    assert [row[best] for row in rows] == ["98.50 (2)", "– (–)"]  # with a validation split no test figure picks
+    assert lines[-1].startswith("McNemar's exact test, ln-seed1 against ln-seed2: 10000 test images only ln-seed1")

@@ -112,9 +112,15 @@ def test_a_killed_sweep_started_again_finishes_without_training_finished_runs_ag
                 for path in (out / "runs").iterdir() if (path / "test_predictions.npy").exists()}
     assert first in finished and len(finished) < 4
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+    # Started again without --data-dir, the sweep reads the folder its sweep.json recorded.
+    environment = {key: value for key, value in os.environ.items() if key != "KERNORM_DATA_DIR"}
+    again = subprocess.run([arg for arg in command if arg not in ("--data-dir", data_dir)], capture_output=True,
+                           text=True, timeout=TIMEOUT, env=environment)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"{len(finished)} of 4 runs already finished; training {4 - len(finished)}" in again.stdout
+    # Into a pipe: one plain line per trained run, no escape codes or redraws.
+    assert "\x1b" not in again.stdout and "\r" not in again.stdout
+    assert len([line for line in again.stdout.splitlines() if line.startswith("[")]) == 4 - len(finished)
     for path, stamp in finished.items():
         assert os.stat(path / "model.keras").st_mtime_ns == stamp
     results = read_json(out, "results.json")
@@ -124,6 +130,7 @@ def test_a_killed_sweep_started_again_finishes_without_training_finished_runs_ag
     for name in ("results.md", "findings.md", "seeds.png", "curves.png", "sweep.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "sweep.json").read_text())["grid"] == {"norm": ["bn", "ln"]}
+    assert json.loads((out / "sweep.json").read_text())["data_dir"] == data_dir
 
 
 @pytest.mark.slow

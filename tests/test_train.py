@@ -2,7 +2,7 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from helpers import FINISHED_RUN, read_json
+from helpers import FINISHED_RUN, kernorm_command, read_json, run
 
 from kernorm.cli import main
 from kernorm.config import TrainConfig
@@ -145,3 +145,15 @@ def test_interrupt_keeps_finished_epochs(tmp_path, data_dir, monkeypatch):
 def test_one_epoch_of_bn_on_full_mnist_reaches_97_percent(tmp_path, data_dir):
     metrics = train(TrainConfig(norm="bn", epochs=1, data_dir=data_dir, out=str(tmp_path / "full")), verbose=False)
     assert metrics["final_test_acc"] >= 0.97
+
+
+@pytest.mark.slow
+def test_train_into_a_pipe_prints_one_plain_line_per_epoch(tmp_path, data_dir):
+    result = run(kernorm_command("train", "--epochs", "2", "--limit", "512", "--data-dir", data_dir,
+                                 "--out", tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for control in ("\x1b", "\r", "\b"):  # no escape codes, no redraws
+        assert control not in result.stdout
+    epochs = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(" - ")[0] for line in epochs] == ["Epoch 1/2", "Epoch 2/2"]
+    assert all(" - test_acc " in line for line in epochs)
