@@ -17,9 +17,11 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from kernorm.config import ExportConfig
 from kernorm.data import load_mnist
 from kernorm.errors import KernormError
-from kernorm.files import prepare_output_dir, write_bytes, write_json, write_text
+from kernorm.files import write_bytes, write_json, write_text
+from kernorm.folders import inside, prepare, saved_config
 from kernorm.models import load_model
 from kernorm.runtime import TFLiteModel
 
@@ -28,6 +30,9 @@ LATENCY_IMAGES = 1000
 THROUGHPUT_BATCH = 256
 KERAS_BATCH = 1000
 CALIBRATION_SEED = 0
+CONFIG = "config.json"
+# How an export folder that an earlier kernorm wrote, before folders were marked, is known.
+EARLIER_EXPORT = saved_config(CONFIG, ExportConfig)
 
 
 def calibration_images(x_train, count, seed=CALIBRATION_SEED):
@@ -161,12 +166,15 @@ def export(config, overwrite=False, verbose=True):
         from kernorm import micro  # the optional extra: when it is missing, one line says so before any work
     if config.max_drop < 0:
         raise KernormError(f"--max-drop {config.max_drop}: the accepted drop cannot be negative")
+    out_dir = config.out_dir
+    if inside(config.model_file, out_dir):
+        raise KernormError(f"--out {out_dir} holds the model being exported, {config.model_file}; choose a "
+                           f"folder outside it (the default is export/ beside the model)")
     keras_model = load_model(config.model_file)
     (x_train, _), (x_test, y_test) = load_mnist(config.data_dir)
     calibration = calibration_images(x_train, config.calibration) if "int8" in quantizations else None
-    out_dir = config.out_dir
-    prepare_output_dir(out_dir, overwrite)
-    config.save(os.path.join(out_dir, "config.json"))
+    prepare(out_dir, "export", overwrite, EARLIER_EXPORT)
+    config.save(os.path.join(out_dir, CONFIG))
 
     keras_pred = keras_model.predict(x_test[..., None].astype(np.float32), batch_size=KERAS_BATCH,
                                      verbose=0).argmax(-1)
