@@ -105,13 +105,13 @@ def check_own(folder, kind, earlier=None, option="--out"):
 
 
 def prepare(folder, kind, overwrite, earlier=None):
-    """Makes `folder` an empty folder marked `kind`; one that holds files is replaced only with `overwrite`,
-    and only when it is kernorm's folder of `kind` (see `check_own`)."""
+    """Makes `folder` an empty folder marked `kind`; one that holds files must be kernorm's folder of `kind`
+    (see `check_own`), and is replaced only with `overwrite`."""
     check_writable(folder)
+    check_own(folder, kind, earlier)
     if holds_files(folder):
         if not overwrite:
             raise KernormError(f"output folder {folder} already exists; pass --overwrite or choose another --out")
-        check_own(folder, kind, earlier)
         shutil.rmtree(folder)
     mark(folder, kind)
 

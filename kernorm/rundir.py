@@ -97,11 +97,11 @@ def check_locations(config):
 def check_run_dir(config, overwrite):
     """Decides whether `config` starts afresh or resumes an unfinished run; changes nothing.
 
-    A run folder that holds files is resumed when its `config.json` trains the
-    same run as `config` and its backup folder holds a backup (the run has not
-    finished); otherwise it is replaced only with `overwrite`, and only when it
-    is kernorm's run folder (`kernorm.folders`), its backup folder kernorm's
-    backup (or within the run folder).
+    A run folder that holds files must be kernorm's (`kernorm.folders`). It is
+    resumed when its `config.json` trains the same run as `config` and its
+    backup folder holds a backup (the run has not finished); otherwise it is
+    replaced only with `overwrite`, and a backup folder outside it only when
+    that holds a kernorm backup.
 
     Returns:
         True to resume, False to start afresh (with `start_run_dir`).
@@ -109,8 +109,8 @@ def check_run_dir(config, overwrite):
     run_dir, backup_dir = config.run_dir, config.backup_path
     saved = os.path.join(run_dir, CONFIG)
     backed_up = has_backup(backup_dir)
+    check_own(run_dir, "run", EARLIER_RUN)
     if overwrite:
-        check_own(run_dir, "run", EARLIER_RUN)
         if holds_files(backup_dir) and not inside(backup_dir, run_dir) and not is_backup_folder(backup_dir):
             raise KernormError(f"{backup_dir} holds files but no kernorm backup; nothing in it is changed: "
                                f"choose another --backup-dir")
