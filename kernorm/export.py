@@ -155,7 +155,7 @@ def export(config, overwrite=False, verbose=True):
 
     Args:
         config: a `kernorm.config.ExportConfig`.
-        overwrite: replace an existing export folder.
+        overwrite: replace an existing export folder, only one kernorm made (`kernorm.folders`).
         verbose: print one line of figures per model.
 
     Returns:

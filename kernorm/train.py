@@ -50,7 +50,7 @@ def train(config, overwrite=False, verbose=True):
 
     Args:
         config: a `kernorm.config.TrainConfig`.
-        overwrite: replace an existing run folder, finished or not.
+        overwrite: replace an existing run folder, finished or not, only one kernorm made (`kernorm.folders`).
         verbose: print the model summary, a progress bar per epoch and test figures.
 
     Returns:
