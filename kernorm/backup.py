@@ -23,6 +23,18 @@ def has_backup(directory):
     return os.path.isdir(directory) and tf.train.latest_checkpoint(directory) is not None
 
 
+def is_backup_folder(directory):
+    """Whether `directory` holds a backup that a `Backup` wrote: its latest checkpoint keeps the loop's
+    history, which another program's checkpoints do not."""
+    if not has_backup(directory):
+        return False
+    try:
+        names = [name for name, _ in tf.train.list_variables(tf.train.latest_checkpoint(directory))]
+    except (tf.errors.OpError, ValueError):  # a damaged index: nothing shows whose it is
+        return False
+    return any(name.startswith("history/") for name in names)
+
+
 # Backups kept: the latest, and the one before it in case the latest is damaged.
 KEEP = 2
 

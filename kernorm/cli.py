@@ -123,7 +123,7 @@ def _device_list(ctx, param, value):
 @_VALIDATION
 @click.option("--out", default=None,
               help="Run folder [default: runs/[<architecture>-]<norm>[-l1_X][-l2_X]-seed<seed>].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run folder (only one kernorm made).")
 @click.option("--deterministic", is_flag=True, help="TensorFlow op determinism: identical reruns.")
 @click.option("--tensorboard", is_flag=True, help="Write TensorBoard scalars into the run folder.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=_DEFAULTS.strategy, show_default=True,
@@ -358,7 +358,7 @@ _EXPORT_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Ex
                    "accuracy), measure their arena, and write each as C++ source and header [pip install "
                    "'kernorm[micro]'].")
 @_data_dir("the folder the run folder recorded")
-@click.option("--overwrite", is_flag=True, help="Replace an existing export folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export folder (only one kernorm made).")
 def export(overwrite, **options):
     """Convert a trained model to TFLite and check it on the test set with LiteRT.
 

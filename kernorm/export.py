@@ -17,12 +17,14 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
+from kernorm.config import ExportConfig
 from kernorm.console import progress_bar
 from kernorm.data import load_mnist, recorded_data_dir
 from kernorm.errors import KernormError
-from kernorm.files import prepare_output_dir, write_bytes, write_json, write_text
+from kernorm.files import write_bytes, write_json, write_text
+from kernorm.folders import inside, prepare, saved_config
 from kernorm.models import load_model
-from kernorm.rundir import CONFIG
+from kernorm.rundir import CONFIG as RUN_CONFIG
 from kernorm.runtime import TFLiteModel
 
 # Batch-1 latency is timed over this many test images; throughput over all of them in batches of this size.
@@ -30,6 +32,9 @@ LATENCY_IMAGES = 1000
 THROUGHPUT_BATCH = 256
 KERAS_BATCH = 1000
 CALIBRATION_SEED = 0
+CONFIG = "config.json"
+# How an export folder that an earlier kernorm wrote, before folders were marked, is known.
+EARLIER_EXPORT = saved_config(CONFIG, ExportConfig)
 
 
 def calibration_images(x_train, count, seed=CALIBRATION_SEED):
@@ -168,7 +173,7 @@ def export(config, overwrite=False, verbose=True):
 
     Args:
         config: a `kernorm.config.ExportConfig`.
-        overwrite: replace an existing export folder.
+        overwrite: replace an existing export folder, only one kernorm made (`kernorm.folders`).
         verbose: print a progress bar per long step and one line of figures per model.
 
     Returns:
@@ -179,14 +184,17 @@ def export(config, overwrite=False, verbose=True):
         from kernorm import micro  # the optional extra: when it is missing, one line says so before any work
     if config.max_drop < 0:
         raise KernormError(f"--max-drop {config.max_drop}: the accepted drop cannot be negative")
+    out_dir = config.out_dir
+    if inside(config.model_file, out_dir):
+        raise KernormError(f"--out {out_dir} holds the model being exported, {config.model_file}; choose a "
+                           f"folder outside it (the default is export/ beside the model)")
     keras_model = load_model(config.model_file)
     # A run folder's model reads MNIST from the folder the run was trained on, after --data-dir and the variable.
-    recorded = recorded_data_dir(os.path.join(os.path.dirname(config.model_file), CONFIG))
+    recorded = recorded_data_dir(os.path.join(os.path.dirname(config.model_file), RUN_CONFIG))
     (x_train, _), (x_test, y_test) = load_mnist(config.data_dir, recorded)
     calibration = calibration_images(x_train, config.calibration) if "int8" in quantizations else None
-    out_dir = config.out_dir
-    prepare_output_dir(out_dir, overwrite)
-    config.save(os.path.join(out_dir, "config.json"))
+    prepare(out_dir, "export", overwrite, EARLIER_EXPORT)
+    config.save(os.path.join(out_dir, CONFIG))
 
     keras_pred = keras_model.predict(x_test[..., None].astype(np.float32), batch_size=KERAS_BATCH,
                                      verbose=0).argmax(-1)

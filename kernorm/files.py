@@ -1,12 +1,9 @@
-"""Writing files so that each appears whole or not at all, and the folders they go to."""
+"""Writing files so that each appears whole or not at all."""
 
 import contextlib
 import json
 import os
 import re
-import shutil
-
-from kernorm.errors import KernormError
 
 # atomic_path's temporary names: ".<name>.<pid>.tmp[<suffix>]".
 _TEMPORARY = re.compile(r"^\..+\.\d+\.tmp(\.[^.]+)?$")
@@ -53,16 +50,3 @@ def remove_leftovers(folder):
         if _TEMPORARY.match(name):
             os.remove(os.path.join(folder, name))
 
-
-def prepare_output_dir(folder, overwrite):
-    """Creates an empty output folder; an existing one is replaced only with `overwrite`.
-
-    Only a folder that kernorm made (it holds a `config.json`) is ever deleted.
-    """
-    if os.path.isdir(folder) and os.listdir(folder):
-        if not overwrite:
-            raise KernormError(f"output folder {folder} already exists; pass --overwrite or choose another --out")
-        if not os.path.exists(os.path.join(folder, "config.json")):
-            raise KernormError(f"{folder} is not a kernorm output folder (no config.json); refusing to overwrite it")
-        shutil.rmtree(folder)
-    os.makedirs(folder, exist_ok=True)

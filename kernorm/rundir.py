@@ -6,9 +6,12 @@ A run folder holds `config.json` (the `TrainConfig`), and after every epoch
 not at all; `test_predictions.npy`, the finished run's predicted class of
 every test image, and with a validation split `test_predictions_chosen.npy`,
 those of the epoch chosen on it; `backup/` while the run is unfinished;
-`tensorboard/` if asked for. Two configurations train the same run when their
-`TrainConfig.identity()` is equal: that one definition decides both resuming
-and reusing a finished run.
+`tensorboard/` if asked for; and `.kernorm`, the mark of kernorm's run folder
+(`kernorm.folders`). A run has finished once `test_predictions.npy` and then
+`metrics.json` are written after its last epoch; its backup is removed only
+after that, so a run killed while it finishes resumes and finishes again. Two
+configurations train the same run when their `TrainConfig.identity()` is
+equal: that one definition decides both resuming and reusing a finished run.
 """
 
 import contextlib
@@ -23,10 +26,11 @@ import socket
 
 import numpy as np
 
-from kernorm.backup import has_backup
+from kernorm.backup import has_backup, is_backup_folder
 from kernorm.config import TrainConfig
 from kernorm.errors import KernormError
 from kernorm.files import atomic_path, write_bytes, write_json, write_text
+from kernorm.folders import check_own, check_writable, holds_files, inside, mark, saved_config
 
 CONFIG = "config.json"
 HISTORY = "history.csv"
@@ -70,28 +74,34 @@ def locked(folder):
         os.close(fd)
 
 
-def inside(path, folder):
-    """Whether `path` is `folder` or lies within it."""
-    path, folder = os.path.abspath(path), os.path.abspath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
-
-def _holds_files(folder):
-    return os.path.isdir(folder) and bool(os.listdir(folder))
-
-
 def _changed_fields(saved, config):
     """The names of the fields in which `config` trains another run than `saved`."""
     before = saved.identity()
     return [key for key, value in config.identity().items() if before[key] != value]
 
 
+# How a run folder that an earlier kernorm wrote, before folders were marked, is known.
+EARLIER_RUN = saved_config(CONFIG, TrainConfig)
+
+
+def check_locations(config):
+    """Raises a `KernormError` unless the run folder and the backup folder can be written, and the backup
+    folder, deleted when the run finishes, holds no part of the run folder; changes nothing."""
+    check_writable(config.run_dir, "--out")
+    check_writable(config.backup_path, "--backup-dir")
+    if inside(config.run_dir, config.backup_path):
+        raise KernormError(f"--backup-dir {config.backup_path} holds the run folder {config.run_dir}, and the "
+                           f"backup is deleted when the run finishes; choose a --backup-dir outside it")
+
+
 def check_run_dir(config, overwrite):
     """Decides whether `config` starts afresh or resumes an unfinished run; changes nothing.
 
-    A run folder that holds files is resumed when its `config.json` trains the
-    same run as `config` and its backup folder holds a backup (the run has not
-    finished); otherwise it is replaced only with `overwrite`.
+    A run folder that holds files must be kernorm's (`kernorm.folders`). It is
+    resumed when its `config.json` trains the same run as `config` and its
+    backup folder holds a backup (the run has not finished); otherwise it is
+    replaced only with `overwrite`, and a backup folder outside it only when
+    that holds a kernorm backup.
 
     Returns:
         True to resume, False to start afresh (with `start_run_dir`).
@@ -99,11 +109,10 @@ def check_run_dir(config, overwrite):
     run_dir, backup_dir = config.run_dir, config.backup_path
     saved = os.path.join(run_dir, CONFIG)
     backed_up = has_backup(backup_dir)
+    check_own(run_dir, "run", EARLIER_RUN)
     if overwrite:
-        if _holds_files(run_dir) and not os.path.exists(saved):
-            raise KernormError(f"{run_dir} is not a kernorm run folder (no {CONFIG}); refusing to overwrite it")
-        if _holds_files(backup_dir) and not backed_up:
-            raise KernormError(f"{backup_dir} holds files but no kernorm backup; refusing to overwrite it, "
+        if holds_files(backup_dir) and not inside(backup_dir, run_dir) and not is_backup_folder(backup_dir):
+            raise KernormError(f"{backup_dir} holds files but no kernorm backup; nothing in it is changed: "
                                f"choose another --backup-dir")
         return False
     if backed_up and os.path.isfile(saved):
@@ -112,19 +121,20 @@ def check_run_dir(config, overwrite):
             return True
         raise KernormError(f"run folder {run_dir} holds an unfinished run with other settings "
                            f"({', '.join(changed)}); resume it with --config {saved}, or pass --overwrite")
-    if _holds_files(run_dir):
+    if holds_files(run_dir):
         raise KernormError(f"run folder {run_dir} already exists; pass --overwrite or choose another --out")
-    if _holds_files(backup_dir):
+    if holds_files(backup_dir):
         raise KernormError(f"backup folder {backup_dir} is not empty; remove it or choose another --backup-dir")
     return False
 
 
 def start_run_dir(config):
-    """Empties the run and backup folders that `check_run_dir` let go, and writes `config.json`."""
+    """Empties the run and backup folders that `check_run_dir` let go, marks the run folder as kernorm's,
+    and writes `config.json`."""
     for folder in (config.run_dir, config.backup_path):
         if os.path.isdir(folder):
             shutil.rmtree(folder)
-    os.makedirs(config.run_dir, exist_ok=True)
+    mark(config.run_dir, "run")
     config.save(os.path.join(config.run_dir, CONFIG))
 
 
@@ -243,8 +253,19 @@ def load_run(path):
     return Run(path, config, history, metrics)
 
 
+def finished_files(config):
+    """The names of the files a finished run of `config` holds, which the reports read."""
+    return [HISTORY, METRICS, MODEL, PREDICTIONS] + ([CHOSEN_PREDICTIONS] if config.validation else [])
+
+
 def why_not_reusable(config):
-    """None when `config.run_dir` holds the finished run of `config`; otherwise the reason, in words."""
+    """None when `config.run_dir` holds the finished run of `config`; otherwise the reason, in words.
+
+    Finished means: its `metrics.json` counts every epoch, uninterrupted, and
+    every one of `finished_files` is there. A run killed while it finished
+    lacks `test_predictions.npy`, which the end of a run writes after the last
+    epoch's files.
+    """
     run_dir = config.run_dir
     try:
         with open(os.path.join(run_dir, METRICS)) as f:
@@ -257,6 +278,7 @@ def why_not_reusable(config):
     changed = _changed_fields(saved, config)
     if changed:
         return f"it was trained with a different {', '.join(changed)}"
-    if not os.path.isfile(os.path.join(run_dir, MODEL)):
-        return f"its {MODEL} is missing"
+    missing = [name for name in finished_files(config) if not os.path.isfile(os.path.join(run_dir, name))]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
     return None

@@ -13,7 +13,8 @@ several seeds, `kernorm.findings` adds the statistical report in
 import dataclasses
 import os
 
-from kernorm import findings, reports
+from kernorm import findings, folders, reports
+from kernorm.config import ReproduceConfig
 from kernorm.data import find_data_dir, load_mnist, recorded_data_dir
 from kernorm.files import write_json, write_text
 from kernorm.models import load_model
@@ -48,6 +49,8 @@ EXPERIMENTS = (
 GALLERY_COUNT = 20
 CONFIG_FILE = "reproduce.json"
 STATISTICS = "statistics"
+# How a report folder that an earlier kernorm wrote, before folders were marked, is known.
+EARLIER_REPORT = folders.saved_config(CONFIG_FILE, ReproduceConfig)
 
 
 def reproduce(config, jobs=None, verbose=True):
@@ -73,7 +76,7 @@ def reproduce(config, jobs=None, verbose=True):
     recorded = recorded_data_dir(os.path.join(config.out, CONFIG_FILE))
     config = dataclasses.replace(config, data_dir=find_data_dir(config.data_dir, recorded))
     load_mnist(config.data_dir, recorded)  # missing or damaged MNIST: one line now, before anything is written
-    os.makedirs(config.out, exist_ok=True)
+    folders.claim(config.out, "report", EARLIER_REPORT)
     write_json(os.path.join(config.out, CONFIG_FILE), dataclasses.asdict(config))
     runs = [config.train_config(e, seed) for seed in range(1, config.seeds + 1) for e in EXPERIMENTS]
     failures = run_all(runs, jobs, verbose)

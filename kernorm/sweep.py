@@ -18,8 +18,8 @@ import time
 import keras
 import tensorflow as tf
 
-from kernorm import findings, rundir
-from kernorm.config import DEFAULT_GROUPS, PRESETS
+from kernorm import findings, folders, rundir
+from kernorm.config import DEFAULT_GROUPS, PRESETS, SweepConfig
 from kernorm.data import find_data_dir, load_mnist, recorded_data_dir, split_validation
 from kernorm.errors import KernormError
 from kernorm.models import build_model
@@ -27,6 +27,8 @@ from kernorm.train import train
 
 SWEEP_FILE = "sweep.json"
 RUNS = "runs"
+# How a sweep folder that an earlier kernorm wrote, before folders were marked, is known.
+EARLIER_SWEEP = folders.saved_config(SWEEP_FILE, SweepConfig)
 
 
 def parse_shard(text):
@@ -206,7 +208,8 @@ def sweep(config, jobs=None, shard=(1, 1), report_only=False, verbose=True):
     cells = cells_of(config.check())
     if not report_only:
         check_cells(cells, config.data_dir, recorded)
-        os.makedirs(config.out, exist_ok=True)
+    folders.claim(config.out, "sweep", EARLIER_SWEEP)  # the report too goes only into a sweep folder
+    if not report_only:
         config.save(os.path.join(config.out, SWEEP_FILE))
         index, count = shard
         failures = run_all(seed_major(cells)[index - 1::count], jobs, verbose)

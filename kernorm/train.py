@@ -53,7 +53,7 @@ def train(config, overwrite=False, verbose=True):
 
     Args:
         config: a `kernorm.config.TrainConfig`.
-        overwrite: replace an existing run folder, finished or not.
+        overwrite: replace an existing run folder, finished or not, only one kernorm made (`kernorm.folders`).
         verbose: print the model summary, a progress bar per epoch and test figures; where
             standard output is not a terminal, one plain line per epoch instead of the bar.
 
@@ -73,6 +73,7 @@ def train(config, overwrite=False, verbose=True):
         # Only the chief writes the run folder, locked against other processes; the other
         # workers write the same files to scratch space.
         if plan.chief:
+            rundir.check_locations(config)
             stack.enter_context(rundir.locked(config.run_dir))
             if not rundir.inside(config.backup_path, config.run_dir):
                 stack.enter_context(rundir.locked(config.backup_path))
@@ -241,9 +242,10 @@ def _train(config, plan, resume, out, train_data, eval_data, verbose):
     if not interrupted:
         setup.saved_model.set_weights(setup.model.get_weights())  # a resumed run may train no epoch here
         rundir.write_predictions(out, rundir.PREDICTIONS, _predicted_classes(setup.saved_model, x_test))
-        backup.remove()
     metrics = rundir.summarize(history, params, time.perf_counter() - start, interrupted)
     rundir.write_metrics(out, metrics)
+    if not interrupted:  # last: a run killed before this resumes from its backup and finishes again
+        backup.remove()
     if verbose and history:
         print(f"Final weights digest {weights_digest(setup.saved_model)}"
               + ("" if plan.chief else " (the chief wrote the run folder)"))

@@ -13,8 +13,8 @@ import pytest
 from kernorm.rundir import read_history
 
 TIMEOUT = 480  # seconds for a subprocess; generous for a machine shared with other TensorFlow jobs
-# What a finished run folder holds (`kernorm.rundir`): no backup, no temporary files.
-FINISHED_RUN = ["config.json", "history.csv", "metrics.json", "model.keras", "test_predictions.npy"]
+# What a finished run folder holds (`kernorm.rundir`): kernorm's mark, no backup, no temporary files.
+FINISHED_RUN = [".kernorm", "config.json", "history.csv", "metrics.json", "model.keras", "test_predictions.npy"]
 COMPARED = ["train_loss", "train_acc", "test_loss", "test_acc", "lr"]
 
 

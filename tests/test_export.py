@@ -19,7 +19,7 @@ ALL_QUANTIZATIONS = ["float32", "float16", "dynamic", "int8"]
 def test_export_writes_every_checked_model_and_its_report(exported, mnist):
     export_dir = exported["export_dir"]
     assert sorted(os.listdir(export_dir)) == sorted(
-        ["config.json", "export.json"] + [f"model_{q}.tflite" for q in ALL_QUANTIZATIONS])
+        [".kernorm", "config.json", "export.json"] + [f"model_{q}.tflite" for q in ALL_QUANTIZATIONS])
     report = read_json(export_dir, "export.json")
     (_, _), (_, y_test) = mnist
     assert report["passed"] is True and report["test_images"] == len(y_test) == 10000
@@ -99,7 +99,7 @@ def test_failed_check_exits_nonzero_and_writes_no_model(exported, tmp_path, data
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("Error: accuracy check failed: float32 dropped ") and "--max-drop 0.3" in last
     assert "Traceback" not in result.output
-    assert sorted(os.listdir(out)) == ["config.json", "export.json"]
+    assert sorted(os.listdir(out)) == [".kernorm", "config.json", "export.json"]
     report = read_json(out, "export.json")
     assert report["passed"] is False
     assert report["models"]["float32"]["passed"] is False and report["models"]["float32"]["file"] is None
@@ -124,7 +124,7 @@ def test_bad_export_options_give_one_clear_line(exported, tmp_path, data_dir, ar
 def test_export_of_a_missing_model_or_into_an_existing_folder(exported, tmp_path, data_dir):
     result = CliRunner().invoke(main, ["export", str(tmp_path / "nowhere"), "--data-dir", data_dir])
     assert result.exit_code == 1 and "nowhere not found; pass a run folder or a .keras file" in result.output
-    result = CliRunner().invoke(main, ["export", exported["run_dir"], "--out", exported["run_dir"],
+    result = CliRunner().invoke(main, ["export", exported["run_dir"], "--out", exported["export_dir"],
                                        "--data-dir", data_dir])
     assert result.exit_code == 1 and "already exists; pass --overwrite" in result.output
 

@@ -49,8 +49,8 @@ def reduce_prod_model():
 @pytest.mark.slow
 def test_micro_export_writes_the_model_its_sources_and_figures(micro_exported):
     export_dir = micro_exported["export_dir"]
-    assert sorted(os.listdir(export_dir)) == ["config.json", "export.json", "model_int8.cc", "model_int8.h",
-                                               "model_int8.tflite"]
+    assert sorted(os.listdir(export_dir)) == [".kernorm", "config.json", "export.json", "model_int8.cc",
+                                               "model_int8.h", "model_int8.tflite"]
     figures = read_json(export_dir, "export.json")["models"]["int8"]
     tflm = figures["micro"]
     assert figures["passed"] and tflm["passed"] and tflm["failure"] is None
@@ -247,7 +247,7 @@ def test_tflm_disagreeing_with_litert_fails_the_export_and_writes_no_model(expor
     last = result.output.strip().splitlines()[-1]
     assert re.fullmatch(r"Error: TFLM check failed: float32: 9\.80 % under TFLM, \d+\.\d\d % under LiteRT's reference "
                         r"kernels; no model file written for float32, figures in .*export\.json", last), last
-    assert sorted(os.listdir(out)) == ["config.json", "export.json"]
+    assert sorted(os.listdir(out)) == [".kernorm", "config.json", "export.json"]
     figures = read_json(out, "export.json")["models"]["float32"]
     assert figures["passed"] is False and figures["file"] is None and figures["micro"]["files"] is None
     assert figures["micro"]["acc"] == 0.098 and figures["drop_points"] <= 0.3

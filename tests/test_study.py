@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slow  # every test reads the session's `kernorm reprodu
 
 def test_reproduce_writes_every_file(tiny_study, data_dir):
     out, output = tiny_study
-    assert sorted(os.listdir(out)) == sorted([*FIGURES, "reproduce.json", "results.json", "results.md", "runs",
-                                              "statistics"])
+    assert sorted(os.listdir(out)) == sorted([*FIGURES, ".kernorm", "reproduce.json", "results.json", "results.md",
+                                              "runs", "statistics"])
     runs = [f"{name}-seed{seed}" for name in ("bn-l1-l2", "gn-l1", "ln-l2") for seed in (1, 2)]
     assert sorted(os.listdir(os.path.join(out, "runs"))) == runs
     for name, size in FIGURES.items():
