@@ -2,6 +2,7 @@
 
 import dataclasses
 import errno
+import sys
 
 import click
 from click.core import ParameterSource
@@ -54,6 +55,9 @@ class _Group(click.Group):
                 raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise click.ClickException(f"TensorFlow: {first} (run with --verbose for its log)") from None
+        finally:
+            # What the command printed comes before its error line, also where stdout is a buffered file or pipe.
+            sys.stdout.flush()
 
 
 @click.group(cls=_Group)
