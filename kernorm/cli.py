@@ -80,7 +80,7 @@ def _data_dir(recorded):
 
 _LIMIT = click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
 _JOBS = click.option("--jobs", type=click.IntRange(min=1), default=None,
-                     help="Training processes at once [default: one per core].")
+                     help="Training processes at once [default: one per GPU, else one per core].")
 _VALIDATION = click.option("--validation", type=click.IntRange(min=0), default=0, show_default=True,
                            help="Hold out the last N training images (after --limit), never trained on; each epoch "
                                 "is evaluated on them and the epoch is chosen by them, never by a test figure.")

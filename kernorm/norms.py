@@ -218,7 +218,9 @@ class BatchNorm(_InputActivation, layers.BatchNormalization):
     """
 
     def call(self, inputs, training=None, mask=None):
-        fast = training and self.trainable and mask is None and not (self.renorm or self.synchronized)
+        # Keras's BatchNormalization has `renorm` from Keras 3.14 on; before, it has none.
+        renorm = getattr(self, "renorm", False)
+        fast = training and self.trainable and mask is None and not (renorm or self.synchronized)
         if not (fast and self._suits_fast_path(inputs)):
             return super().call(self.input_activation(inputs), training=training, mask=mask)
         y, mean, var = self._train_normalize(inputs, (1, -1, inputs.shape[-1]), inputs.shape[-1])
@@ -256,8 +258,10 @@ class GroupNorm(_InputActivation, layers.GroupNormalization):
             shape = (-1, tf.reduce_prod(tf.shape(inputs)[1:-1]), inputs.shape[-1])
             return self._train_normalize(inputs, shape, self.groups)[0]
         if self.groups == 1 or inputs.ndim == 4:
-            # In float32 as Keras's GroupNormalization, whatever the precision policy.
-            y = normalize_for_inference(tf.cast(self.input_activation(inputs), tf.float32), self.gamma, self.beta,
+            # In float32 as Keras's GroupNormalization, whatever the precision policy. Keras before 3.14
+            # hands a mixed-precision layer its weights in the compute dtype: cast them back, as Keras's does.
+            gamma, beta = (None if w is None else tf.cast(w, tf.float32) for w in (self.gamma, self.beta))
+            y = normalize_for_inference(tf.cast(self.input_activation(inputs), tf.float32), gamma, beta,
                                         self.groups, self.epsilon)
             return tf.cast(y, self.compute_dtype)
         return super().call(self.input_activation(inputs))

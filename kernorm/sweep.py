@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import multiprocessing
 import os
+import queue
 import time
 
 import keras
@@ -94,6 +95,9 @@ def check_cells(cells, data_dir, recorded=None):
     """Raises a `KernormError` for a cell that cannot train, before anything is written:
     a norm whose groups do not divide a layer's channels, a validation split too large, MNIST
     missing (`data_dir` and `recorded` as `kernorm.data.load_mnist` takes them)."""
+    # Building the models starts TensorFlow's GPUs in this process: let it take the memory it needs only,
+    # not TensorFlow's default of nearly all, which the training processes need.
+    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     for cell in cells:
         build_model(**cell.runs[0].network())
         keras.backend.clear_session()
@@ -104,8 +108,10 @@ def check_cells(cells, data_dir, recorded=None):
     split_validation(x_train, y_train, config.validation)
 
 
-def _start_worker(threads):
-    # Each of --jobs processes takes its share of the cores, set before TensorFlow starts.
+def _start_worker(threads, env):
+    # Set before TensorFlow starts: each of --jobs processes takes its share of the cores, and its
+    # environment (`worker_env`: its GPU) before TensorFlow first looks for devices.
+    os.environ.update(env)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
 
@@ -119,11 +125,46 @@ def train_or_resume(config):
     return train(config, overwrite=not resume, verbose=False)
 
 
+def gpu_count():
+    """The GPUs TensorFlow sees in this process."""
+    return len(tf.config.list_physical_devices("GPU"))
+
+
 def default_jobs():
-    """Training processes that run at once by default: one per core, each with one thread. The
-    study's small convolutions keep several threads of one process from filling the cores, which
-    one process per core does (docs/sweeps.md measures it)."""
-    return len(os.sched_getaffinity(0))
+    """Training processes that run at once by default: one per GPU where TensorFlow sees GPUs, else
+    one per core, each with one thread. The study's small convolutions keep several threads of one
+    process from filling the cores, which one process per core does (docs/sweeps.md measures it)."""
+    return gpu_count() or len(os.sched_getaffinity(0))
+
+
+def worker_env(worker, gpus):
+    """The environment variables that training process number `worker` (0, 1, ...) starts with.
+
+    With `gpus` GPUs visible, worker i sees only GPU i mod `gpus` (`CUDA_VISIBLE_DEVICES`: the i-th
+    entry of this process's own list where it has one), as its GPU:0, and allocates its memory as it
+    grows (`TF_FORCE_GPU_ALLOW_GROWTH`), rather than TensorFlow's default of nearly all of it.
+
+    Returns:
+        A dict of variable names and values; empty without GPUs.
+    """
+    if not gpus:
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    return {"CUDA_VISIBLE_DEVICES": devices[worker % gpus].strip(), "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
+
+
+def _train_in_new_process(config, slots, threads):
+    """`train_or_resume(config)` in a process started for this run alone, as `kernorm train` would be:
+    nothing of one run's TensorFlow state (its seeds, op determinism) reaches the next. The process
+    takes a free worker's slot from `slots`, a queue of `worker_env` dicts, and gives it back at its end."""
+    env = slots.get()
+    try:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_start_worker, initargs=(threads, env)) as pool:
+            return pool.submit(train_or_resume, config).result()
+    finally:
+        slots.put(env)
 
 
 def run_all(runs, jobs=None, verbose=True):
@@ -147,13 +188,14 @@ def run_all(runs, jobs=None, verbose=True):
     if not todo:
         return failures
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    slots = queue.SimpleQueue()
+    gpus = gpu_count()
+    for worker in range(jobs):
+        slots.put(worker_env(worker, gpus))
     start, done = time.perf_counter(), 0
-    # A fresh process per run, as `kernorm train` would be: nothing of one run's TensorFlow state
-    # reaches the next.
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_start_worker, initargs=(threads,),
-                                                max_tasks_per_child=1) as pool:
-        futures = {pool.submit(train_or_resume, config): config for config in todo}
+    # `jobs` threads, each waiting on one training process at a time.
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(_train_in_new_process, config, slots, threads): config for config in todo}
         try:
             for future in concurrent.futures.as_completed(futures):
                 config, done = futures[future], done + 1

@@ -38,6 +38,16 @@ def run_python(args, **kwargs):
     return run([sys.executable, *args], **kwargs)
 
 
+def report_worker(config):
+    """Stands in for `kernorm.sweep.train_or_resume` in a training process: instead of training, writes
+    `worker.json` into the run folder with the process's id and its GPU environment variables."""
+    os.makedirs(config.run_dir, exist_ok=True)
+    seen = {name: os.environ.get(name) for name in ("CUDA_VISIBLE_DEVICES", "TF_FORCE_GPU_ALLOW_GROWTH")}
+    with open(os.path.join(config.run_dir, "worker.json"), "w") as f:
+        json.dump({"pid": os.getpid(), **seen}, f)
+    return {"interrupted": False, "final_test_acc": 0.0, "chosen_epoch": None}
+
+
 def backed_up_epochs(backup_dir):
     """Finished epochs in the latest backup; 0 while there is none (or it is being replaced)."""
     import tensorflow as tf

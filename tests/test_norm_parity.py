@@ -104,6 +104,8 @@ BATCH_CASES = {  # id: (arguments, input shape)
 @pytest.mark.parametrize("case", BATCH_CASES)
 def test_batch_norm_equals_keras(case, training, fast_calls):
     arguments, shape = BATCH_CASES[case]
+    if case == "renorm" and not hasattr(layers.BatchNormalization(), "renorm"):
+        pytest.skip("Keras's BatchNormalization has renorm from Keras 3.14 on")
     compare(BatchNorm(**arguments), layers.BatchNormalization(**arguments), inputs(shape), training)
     fast = training and case not in ("channels-first", "renorm", "synchronized")
     assert fast_calls["normalize_groups"] == fast

@@ -8,11 +8,11 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from helpers import TIMEOUT, kernorm_command, read_json, run
+from helpers import TIMEOUT, kernorm_command, read_json, report_worker, run
 
 from kernorm import sweep
 from kernorm.cli import main
-from kernorm.config import SweepConfig
+from kernorm.config import SweepConfig, TrainConfig
 from kernorm.errors import KernormError
 
 GRID = {"norm": ["bn", "gn"], "l1": [0.0, 1e-4], "lr": [0.01, 0.05]}
@@ -92,6 +92,42 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, data_dir, args
     errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and message in errors[0], result.output  # after click's usage lines, if any
     assert not out.exists()
+
+
+def fake_gpus(monkeypatch, count):
+    """Makes TensorFlow's device list show `count` GPUs to this process."""
+    listed = sweep.tf.config.list_physical_devices
+    monkeypatch.setattr(sweep.tf.config, "list_physical_devices",
+                        lambda kind=None: [f"GPU:{i}" for i in range(count)] if kind == "GPU" else listed(kind))
+
+
+def test_jobs_default_to_one_per_gpu_else_one_per_core(monkeypatch):
+    fake_gpus(monkeypatch, 3)
+    assert sweep.default_jobs() == 3
+    fake_gpus(monkeypatch, 0)
+    assert sweep.default_jobs() == len(os.sched_getaffinity(0))
+
+
+def test_each_worker_sees_its_own_gpu_with_memory_growth(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [sweep.worker_env(worker, 2)["CUDA_VISIBLE_DEVICES"] for worker in range(5)] == ["0", "1", "0", "1", "0"]
+    assert sweep.worker_env(0, 2)["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    assert sweep.worker_env(3, 0) == {}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6, 2")  # the user's choice of GPUs: each worker gets one of them
+    assert [sweep.worker_env(worker, 2)["CUDA_VISIBLE_DEVICES"] for worker in range(3)] == ["6", "2", "6"]
+
+
+def test_runs_train_in_processes_of_their_own_each_on_its_worker_s_gpu(tmp_path, monkeypatch):
+    """`run_all(jobs=2)` on two GPUs: a new process per run, each seeing one GPU of the user's, with memory growth."""
+    fake_gpus(monkeypatch, 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # inherited by the processes unless each sets its own
+    monkeypatch.setattr(sweep, "train_or_resume", report_worker)  # what each process sees, not a training run
+    runs = [TrainConfig(seed=seed, out=str(tmp_path / f"run{seed}")) for seed in (1, 2, 3)]
+    assert sweep.run_all(runs, jobs=2, verbose=False) == []
+    seen = [read_json(config.run_dir, "worker.json") for config in runs]
+    assert len({worker["pid"] for worker in seen} - {os.getpid()}) == 3
+    assert {worker["CUDA_VISIBLE_DEVICES"] for worker in seen} == {"5", "7"}
+    assert {worker["TF_FORCE_GPU_ALLOW_GROWTH"] for worker in seen} == {"true"}
 
 
 @pytest.mark.slow
