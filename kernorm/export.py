@@ -195,7 +195,8 @@ def export(config, overwrite=False, verbose=True):
                 print(micro_line(figures["micro"]), flush=True)
             if config.device and figures["passed"]:
                 device, device_files = firmware.check(config.device, tflm_dir, f"model_{quantize}", flatbuffer,
-                                                      x_test, y_test, config.device_images, verbose)
+                                                      figures["micro"]["arena_bytes"], x_test, y_test,
+                                                      config.device_images, verbose)
                 figures["micro"]["device"], figures["passed"] = device, device["passed"]
                 if verbose:
                     print(firmware.summary_line(device), flush=True)

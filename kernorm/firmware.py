@@ -409,7 +409,7 @@ def run(device, folder, firmware_file, count, verbose=True):
     return np.array([classes[i] for i in range(count)]), {key: int(value) for key, value in values.items()}
 
 
-def check(device, tflm_dir, name, flatbuffer, x_test, y_test, count, verbose=True):
+def check(device, tflm_dir, name, flatbuffer, arena_bytes, x_test, y_test, count, verbose=True):
     """Builds a model's firmware for a device, runs it on test images and measures it.
 
     Args:
@@ -417,6 +417,7 @@ def check(device, tflm_dir, name, flatbuffer, x_test, y_test, count, verbose=Tru
         tflm_dir: TFLM's source folder, checked by `check_setup`.
         name: the model's stem, e.g. "model_int8".
         flatbuffer: its `.tflite` bytes (checked by `kernorm.micro.check`: TFLM runs it).
+        arena_bytes: the tensor arena the firmware reserves (`kernorm.micro.check`'s `arena_bytes`).
         x_test, y_test: the test images `(N, 28, 28)` and labels; the first `count` are run.
         count: how many images to run.
         verbose: progress bars.
@@ -433,15 +434,14 @@ def check(device, tflm_dir, name, flatbuffer, x_test, y_test, count, verbose=Tru
     quantize = name.split("_", 1)[1]
     firmware_file = f"firmware_{quantize}_{device}" + (".elf" if target.machine else "")
     ops = graph_ops(flatbuffer)
-    arena = micro.smallest_arena(flatbuffer) + micro.ARENA_ALIGNMENT
     record = {"target": device, "kernels": target.kernels or "reference", "qemu_machine": target.machine,
               "images": count, "firmware": None, "passed": False, "failure": None}
     images = x_test[:count]
     expected = micro.MicroModel(flatbuffer, name).logits(images).argmax(-1)
     with tempfile.TemporaryDirectory(prefix="kernorm-firmware-") as folder:
         try:
-            built = build(device, tflm_dir, name, micro.c_sources(name, flatbuffer, arena), [op["name"] for op in ops],
-                          folder, verbose)
+            built = build(device, tflm_dir, name, micro.c_sources(name, flatbuffer, arena_bytes),
+                          [op["name"] for op in ops], folder, verbose)
             size = sizes(device, built)
             flash, ram = size["text"] + size["data"], size["data"] + size["bss"]
             if target.flash_bytes and (flash > target.flash_bytes or ram > target.ram_bytes):
@@ -465,13 +465,14 @@ def check(device, tflm_dir, name, flatbuffer, x_test, y_test, count, verbose=Tru
         "flash_bytes": flash,
         "ram_bytes": ram,
         "sections": size,
-        "arena_bytes": arena,
+        "arena_bytes": arena_bytes,
         "arena_used_bytes": summary["arena_used_bytes"],
         "stack_used_bytes": summary["stack_used_bytes"] or None,
         "heap_used_bytes": summary["heap_used_bytes"] or None,
         # -icount shift=0: one instruction per nanosecond of emulated time.
         "instructions_per_inference": round(per_inference * 1e9) if target.machine else None,
-        "time_us_per_inference": None if target.machine else per_inference * 1e6,
+        # This machine's processor time, which other processes do not inflate.
+        "time_us_per_inference": None if target.machine else round(per_inference * 1e6, 1),
         "macs": macs,
         "instructions_per_mac": round(per_inference * 1e9 / macs, 2) if target.machine else None,
         "command": shlex.join(command(device, firmware_file, count)),

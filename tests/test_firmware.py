@@ -137,7 +137,7 @@ def test_firmware_too_large_for_the_machine_fails_the_model(exported, mnist, mon
     with open(os.path.join(exported["export_dir"], "model_int8.tflite"), "rb") as f:
         flatbuffer = f.read()
     (_, _), (x_test, y_test) = mnist
-    record, files = firmware.check("cortex-m4", TFLM_DIR, "model_int8", flatbuffer, x_test, y_test, 1,
+    record, files = firmware.check("cortex-m4", TFLM_DIR, "model_int8", flatbuffer, 40000, x_test, y_test, 1,
                                    verbose=False)
     assert files == {} and record["passed"] is False and record["firmware"] is None
     assert re.fullmatch(r"the firmware needs [\d,]+ bytes of flash and [\d,]+ of RAM; the mps2-an386 has 65,536 "
