@@ -1,9 +1,11 @@
 """Firmware figures: trained runs built with TensorFlow Lite Micro for a Cortex-M4 and run under QEMU.
 
-For each run folder and device it exports the int8 model with `--micro --device` (through
-`kernorm.export.export`, into a temporary folder, so the figures are the ones `export.json` records) and
-prints one Markdown table: the firmware's flash (text + data) and static RAM (data + bss, the linker
-script's 16 KiB stack and 4 KiB heap included), the tensor arena reserved and used on the chip, the
+For each run folder it converts the int8 model as `kernorm export` does (`kernorm.export.convert`, same
+calibration images), measures its arena as `--micro` does, and runs `kernorm.firmware.check` for each device,
+the check `--micro --device` runs (so the figures are the ones `export.json` records), without the export's
+checks on the 10,000 test images. It prints one Markdown table: the firmware's flash (text + data) and
+static RAM (data + bss, the linker script's 16 KiB stack and 4 KiB heap included), the tensor arena reserved
+and used on the chip, the
 instructions per inference under `qemu-system-arm -icount shift=0` and per multiply-accumulate, and the
 time per inference they imply at `--clock-mhz`, an estimate: QEMU counts instructions, not cycles, and a
 Cortex-M4 takes one cycle for most, more for loads, multiplies and branches.
@@ -13,37 +15,35 @@ Cortex-M4 takes one cycle for most, more for loads, multiplies and branches.
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 
-from kernorm.config import ExportConfig
+from kernorm import firmware, micro
+from kernorm.data import load_mnist
 from kernorm.errors import KernormError
-from kernorm.export import export
+from kernorm.export import calibration_images, convert
+from kernorm.models import load_model
 from kernorm.rundir import load_run
+
+CALIBRATION = 500  # kernorm export's default
 
 
 def measure(runs, devices, images, clock_mhz, data_dir, tflm_dir):
     """One table row per run and device."""
     runs = [load_run(run_dir) for run_dir in runs]  # every folder checked before the long work
+    tflm_dir = [firmware.check_setup(device, tflm_dir, images, 10000) for device in devices][0]
+    (x_train, _), (x_test, y_test) = load_mnist(data_dir)
     rows = []
     for run in runs:
+        flatbuffer = convert(load_model(os.path.join(run.path, "model.keras")), "int8",
+                             calibration_images(x_train, CALIBRATION))
+        arena = micro.smallest_arena(flatbuffer) + micro.ARENA_ALIGNMENT
         for device in devices:
             label = f"| {run.config.architecture} | {run.config.norm} | {device} |"
-            with tempfile.TemporaryDirectory() as tmp:
-                export_dir = os.path.join(tmp, "export")
-                try:
-                    export(ExportConfig(model=run.path, micro=True, device=device, device_images=images,
-                                        tflm_dir=tflm_dir, out=export_dir, data_dir=data_dir), verbose=False)
-                except KernormError as e:
-                    if not os.path.isfile(os.path.join(export_dir, "export.json")):
-                        raise
-                    print(f"{run.path}: {e}", file=sys.stderr)  # a failed check still leaves its figures
-                with open(os.path.join(export_dir, "export.json")) as f:
-                    record = json.load(f)["models"]["int8"]["micro"].get("device")
-            if not record or not record["passed"]:
-                rows.append(f"{label} failed: {record['failure'] if record else 'see the export error'} |")
+            record, _ = firmware.check(device, tflm_dir, "model_int8", flatbuffer, arena, x_test, y_test, images,
+                                       verbose=False)
+            if not record["passed"]:
+                rows.append(f"{label} failed: {record['failure']} |")
                 continue
             instructions = record["instructions_per_inference"]
             rows.append(f"{label} {record['flash_bytes']:,} | {record['ram_bytes']:,} | "

@@ -226,7 +226,7 @@ def c_sources(name, flatbuffer, arena_bytes):
     (0 and 0: a float tensor); `k<Name>Labels`, the class of each output, in
     order. Like TFLM's own array generator, they include no TFLM header, so
     the model compiles on its own. `<name>_op_resolver.h`, which includes
-    TFLM's, defines `<Name>OpResolver`, a `tflite::MicroMutableOpResolver` of
+    `<name>.h` and TFLM's resolver, defines `<Name>OpResolver`, a `tflite::MicroMutableOpResolver` of
     exactly as many ops as the graph has kinds, and `Add<Name>Ops(resolver)`,
     which adds each of them.
 
@@ -274,7 +274,7 @@ def c_sources(name, flatbuffer, arena_bytes):
     guard = f"KERNORM_{name.upper()}_OP_RESOLVER_H_"
     resolver = (f"// The TFLM ops of {name}.tflite, written by kernorm export --micro.\n"
                 f"#ifndef {guard}\n#define {guard}\n\n"
-                f'#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"\n\n'
+                f'#include "{name}.h"\n#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"\n\n'
                 f"// Exactly the ops the model holds.\n"
                 f"using {camel}OpResolver = tflite::MicroMutableOpResolver<{len(ops)}>;\n\n"
                 f"inline TfLiteStatus Add{camel}Ops({camel}OpResolver& resolver) {{\n{adds}  return kTfLiteOk;\n}}\n\n"
