@@ -342,7 +342,9 @@ def _run(command, what):
         if overflow:
             raise KernormError(f"{what}: it does not fit the machine's {overflow.group(1)} (over by "
                                f"{int(overflow.group(2)):,} bytes); export a smaller model")
-        errors = [line for line in result.stderr.splitlines() if "error" in line] or [_last_line(result)]
+        errors = [line for line in result.stderr.splitlines()
+                  if "undefined reference" in line or "error:" in line and "collect2" not in line]
+        errors = errors or [_last_line(result)]
         raise KernormError(f"{what} ({errors[0].strip()[:300]})")
 
 
@@ -383,10 +385,15 @@ def run(device, folder, firmware_file, count, verbose=True):
     """
     timeout = BASE_SECONDS + PER_IMAGE_SECONDS * count
     bar = _progress(count, f"running on {device}") if verbose and count else None
-    classes, lines = {}, []
+    classes, lines, stopped = {}, [], threading.Event()
     with subprocess.Popen(command(device, firmware_file, count), cwd=folder, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True) as process:
-        timer = threading.Timer(timeout, process.kill)
+
+        def stop():
+            stopped.set()
+            process.kill()
+
+        timer = threading.Timer(timeout, stop)
         timer.start()
         try:
             for line in process.stdout:
@@ -398,7 +405,7 @@ def run(device, folder, firmware_file, count, verbose=True):
                         bar.add(1)
         finally:
             timer.cancel()
-    if not timer.is_alive() and process.returncode == -9:
+    if stopped.is_set():
         raise KernormError(f"the firmware on {device} did not finish {count} images in {timeout:g} s and was "
                            f"stopped; try fewer --device-images")
     summary = [line for line in lines if line.startswith("summary ")]

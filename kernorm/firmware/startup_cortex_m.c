@@ -14,9 +14,11 @@ void initialise_monitor_handles(void);  // newlib's librdimon: stdin, stdout and
 void __libc_init_array(void);
 void SysTick_Handler(void);
 
-// __libc_init_array calls these; the C run-time's crti.o, which would define them, is not linked.
+// __libc_init_array calls these, and C++ registers static objects' destructors with __dso_handle; the C
+// run-time's crti.o and crtbegin.o, which would define them, are not linked.
 void _init(void) {}
 void _fini(void) {}
+void* __dso_handle = 0;
 
 // ARM semihosting: the operation in r0, its argument block in r1, the result back in r0.
 static int Semihost(int operation, void* argument) {
