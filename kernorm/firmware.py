@@ -444,6 +444,7 @@ def check(device, tflm_dir, name, flatbuffer, arena_bytes, x_test, y_test, count
     record = {"target": device, "kernels": target.kernels or "reference", "qemu_machine": target.machine,
               "images": count, "firmware": None, "passed": False, "failure": None}
     images = x_test[:count]
+    images_file = idx_images(images)
     expected = micro.MicroModel(flatbuffer, name).logits(images).argmax(-1)
     with tempfile.TemporaryDirectory(prefix="kernorm-firmware-") as folder:
         try:
@@ -456,7 +457,7 @@ def check(device, tflm_dir, name, flatbuffer, arena_bytes, x_test, y_test, count
                                    f"{target.machine} has {target.flash_bytes:,} and {target.ram_bytes:,}")
             shutil.copyfile(built, os.path.join(folder, firmware_file))
             os.chmod(os.path.join(folder, firmware_file), 0o755)
-            write_bytes(os.path.join(folder, IMAGES_FILE), idx_images(images))
+            write_bytes(os.path.join(folder, IMAGES_FILE), images_file)
             classes, summary = run(device, folder, firmware_file, count, verbose)
         except KernormError as e:
             record["failure"] = str(e)
@@ -490,7 +491,7 @@ def check(device, tflm_dir, name, flatbuffer, arena_bytes, x_test, y_test, count
                              f"{expected[disagree[0]]})")
         return record, {}
     record.update(passed=True, firmware=firmware_file)
-    return record, dict(files, **{IMAGES_FILE: idx_images(images)})
+    return record, dict(files, **{IMAGES_FILE: images_file})
 
 
 
