@@ -171,11 +171,24 @@ def test_device_requests_that_cannot_be_served_give_one_line(tmp_path, monkeypat
                                 f"qemu-system-arm: on Debian or Ubuntu, apt-get install {firmware.PACKAGES}")
 
 
-def test_device_without_micro_or_with_a_bad_folder_writes_nothing(tmp_path):
+def test_device_without_micro_writes_nothing(tmp_path):
     out = tmp_path / "e"
     result = CliRunner().invoke(main, ["export", str(tmp_path), "--device", "host", "--out", str(out)])
     assert result.exit_code == 1 and not out.exists()
     assert result.output == "Error: --device host builds the models --micro checks; pass --micro too\n"
+
+
+@pytest.mark.slow
+def test_an_unknown_device_or_a_folder_without_tflm_ends_in_one_line_before_any_file(exported, tmp_path, data_dir):
+    out = tmp_path / "e"
+    for options, error in ((["--device", "cortex-m99", "--tflm-dir", TFLM_DIR], "Error: unknown --device 'cortex-m99'"),
+                           (["--device", "host", "--tflm-dir", str(tmp_path)],
+                            f"Error: --tflm-dir {tmp_path} is not a TensorFlow Lite Micro folder")):
+        result = CliRunner().invoke(main, ["export", exported["run_dir"], "--micro", "--out", str(out),
+                                           "--data-dir", data_dir, *options])
+        assert result.exit_code == 1 and not out.exists()
+        [line] = result.output.strip().splitlines()
+        assert line.startswith(error)
 
 
 def test_kernels_are_those_of_the_ops_and_an_op_tflm_lacks_is_named():
