@@ -213,7 +213,7 @@ def tflm_library(device, tflm_dir, ops, verbose=True):
         verbose: show a progress bar while compiling.
 
     Returns:
-        `(library, include_flags)`: the `.a` file's path and the `-I` flags that compile against it.
+        `(library, include_flags)`: the `.a` file's path and the `-isystem` flags that compile against it.
     """
     target = TARGETS[device]
     kernels = kernel_sources(tflm_dir, ops)
