@@ -361,6 +361,16 @@ _EXPORT_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Ex
               help="Also run the int8 and float32 models under TensorFlow Lite Micro (it must match LiteRT's "
                    "accuracy), measure their arena, and write each as C++ source and header [pip install "
                    "'kernorm[micro]'].")
+@click.option("--device", default=None,
+              help="With --micro, also build each model into firmware with TensorFlow Lite Micro's sources for "
+                   "this device (host, cortex-m4, cortex-m4-cmsis-nn), run it on the test images (a Cortex-M "
+                   "under qemu-system-arm) and record its flash, RAM and instructions; every class must equal "
+                   "TFLM's Python interpreter's.")
+@click.option("--device-images", type=click.IntRange(min=1), default=_EXPORT_DEFAULTS["device_images"],
+              show_default=True, help="Test images the firmware classifies on the device.")
+@click.option("--tflm-dir", type=click.Path(file_okay=False), envvar="KERNORM_TFLM_DIR",
+              help="TensorFlow Lite Micro's source folder (tflite-micro, with its Makefile's downloads) that "
+                   "--device builds from [env: KERNORM_TFLM_DIR].")
 @_data_dir("the folder the run folder recorded")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export folder (only one kernorm made).")
 def export(overwrite, **options):
@@ -410,7 +420,9 @@ def predict(ctx, model, images, top, digits, max_digits, debug_dir, runtime):
 
     if not digits and ctx.get_parameter_source("max_digits") is not ParameterSource.DEFAULT:
         raise click.UsageError("--max-digits limits --digits; add --digits to read numbers")
-    tflite = load_tflite(model, runtime)
+    if runtime == "micro":
+        from kernorm.micro import load_tflite  # TFLM is an optional extra, imported only when asked for
+    tflite = load_tflite(model)
     failed = False
     for path in images:
         try:

@@ -161,6 +161,11 @@ class ExportConfig:
         data_dir: folder of the MNIST IDX files, as for `kernorm train`.
         micro: also check the int8 and float32 models under TensorFlow Lite Micro and write
             each as C++ source (`kernorm.micro`).
+        device: with `micro`, also build each of those models into firmware for this device (a name in
+            `kernorm.firmware.TARGETS`) and run it on the first `device_images` test images there.
+        device_images: test images the firmware classifies.
+        tflm_dir: TensorFlow Lite Micro's source folder the firmware is built from; default
+            `$KERNORM_TFLM_DIR`.
     """
 
     model: str
@@ -170,6 +175,9 @@ class ExportConfig:
     calibration: int = 500
     data_dir: str | None = None
     micro: bool = False
+    device: str | None = None
+    device_images: int = 1000
+    tflm_dir: str | None = None
 
     @property
     def model_file(self):

@@ -182,6 +182,8 @@ def export(config, overwrite=False, verbose=True):
     quantizations, micro_quantizations = config.quantizations, config.micro_quantizations
     if micro_quantizations:
         from kernorm import micro  # the optional extra: when it is missing, one line says so before any work
+    if config.device and not micro_quantizations:
+        raise KernormError(f"--device {config.device} builds the models --micro checks; pass --micro too")
     if config.max_drop < 0:
         raise KernormError(f"--max-drop {config.max_drop}: the accepted drop cannot be negative")
     out_dir = config.out_dir
@@ -193,6 +195,10 @@ def export(config, overwrite=False, verbose=True):
     recorded = recorded_data_dir(os.path.join(os.path.dirname(config.model_file), RUN_CONFIG))
     (x_train, _), (x_test, y_test) = load_mnist(config.data_dir, recorded)
     calibration = calibration_images(x_train, config.calibration) if "int8" in quantizations else None
+    if config.device:
+        from kernorm import firmware
+
+        tflm_dir = firmware.check_setup(config.device, config.tflm_dir, config.device_images, len(x_test))
     prepare(out_dir, "export", overwrite, EARLIER_EXPORT)
     config.save(os.path.join(out_dir, CONFIG))
 
@@ -217,6 +223,13 @@ def export(config, overwrite=False, verbose=True):
             figures["passed"] = figures["passed"] and figures["micro"]["passed"]
             if verbose:
                 print(micro_line(figures["micro"]), flush=True)
+            if config.device and figures["passed"]:
+                device, device_files = firmware.check(config.device, tflm_dir, f"model_{quantize}", flatbuffer,
+                                                      figures["micro"]["arena_bytes"], x_test, y_test,
+                                                      config.device_images, verbose)
+                figures["micro"]["device"], figures["passed"] = device, device["passed"]
+                if verbose:
+                    print(firmware.summary_line(device), flush=True)
         stem = f"model_{quantize}"
         figures["file"] = f"{stem}.tflite" if figures["passed"] else None
         if figures["passed"]:
@@ -226,6 +239,8 @@ def export(config, overwrite=False, verbose=True):
             for name, text in sources.items():
                 write_text(os.path.join(out_dir, name), text)
             figures["micro"]["files"] = sorted(sources) or None
+        if figures["passed"] and "device" in figures.get("micro", {}):
+            firmware.write_files(out_dir, device_files)
         report["models"][quantize] = figures
     failed = [q for q, figures in report["models"].items() if not figures["passed"]]
     report["passed"] = not failed
@@ -243,12 +258,16 @@ def failure_message(report):
              if figures["drop_points"] > max_drop]
     tflm = [f"{q}: {figures['micro']['failure']}" for q, figures in models.items()
             if "micro" in figures and not figures["micro"]["passed"]]
+    device = [f"{q}: {figures['micro']['device']['failure']}" for q, figures in models.items()
+              if not figures.get("micro", {}).get("device", {"passed": True})["passed"]]
     parts = []
     if drops:
         parts.append(f"accuracy check failed: {', '.join(drops)} (Keras {100 * report['keras_acc']:.2f} %), more "
                      f"than --max-drop {max_drop:g}")
     if tflm:
         parts.append(f"TFLM check failed: {', '.join(tflm)}")
+    if device:
+        parts.append(f"device check failed: {', '.join(device)}")
     return "; ".join(parts)
 
 

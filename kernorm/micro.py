@@ -14,6 +14,7 @@ which `kernorm export` calls, imports Keras, for its progress bars.
 
 import collections
 import math
+import os
 import re
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import numpy as np
 
 from kernorm.console import progress_bar
 from kernorm.errors import KernormError
-from kernorm.runtime import TFLiteModel, dequantize, graph_ops, quantize
+from kernorm.runtime import Classifier, TFLiteModel, check_tflite, dequantize, graph_ops, quantize, read_tflite
 
 try:
     from tflite_micro import runtime as tflm
@@ -129,13 +130,16 @@ def count_macs(ops):
                for op in ops if op["name"] in MAC_OPS)
 
 
-class MicroModel(TFLiteModel):
-    """A TFLite image classifier run by TFLM's interpreter, one image at a time.
+def load_tflite(path):
+    """Reads a `.tflite` file into a `MicroModel`, as `kernorm.runtime.load_tflite` into a LiteRT model."""
+    return MicroModel(read_tflite(path), name=os.fspath(path))
 
-    LiteRT reads and checks the file and describes its tensors (see
-    `TFLiteModel`, whose `predict` and `logits` this class keeps); TFLM
-    computes every output, in an arena of `HOST_ARENA_BYTES`. A model that
-    TFLM cannot run raises `KernormError` with one line naming the op.
+
+class MicroModel(Classifier):
+    """A TFLite image classifier run by TFLM's interpreter, one image at a time (see `Classifier`).
+
+    TFLM computes every output, in an arena of `HOST_ARENA_BYTES`. A model
+    that TFLM cannot run raises `KernormError` with one line naming the op.
 
     Args:
         content: the bytes of a `.tflite` file.
@@ -143,12 +147,13 @@ class MicroModel(TFLiteModel):
     """
 
     def __init__(self, content, name="model"):
-        super().__init__(content, name)
+        check_tflite(content, name)
         error = tflm_error(content, HOST_ARENA_BYTES)
         if error:
             raise KernormError(f"{name}: TFLM cannot run it ({error}); run it with "
                                f"--runtime litert, or export an int8 or float32 model with --micro")
         self._tflm = tflm.Interpreter.from_bytes(content, arena_size=HOST_ARENA_BYTES)
+        super().__init__(name, _details(self._tflm.get_input_details(0)), _details(self._tflm.get_output_details(0)))
 
     def _invoke(self, batch):
         # TFLM's tensors have a fixed batch of 1.
@@ -167,6 +172,14 @@ def in_chunks(logits, images, bar):
         outputs.append(logits(images[i:i + LITERT_BATCH]))
         bar.add(len(outputs[-1]))
     return np.concatenate(outputs)
+
+
+def _details(tflm_details):
+    """A TFLM tensor's details as LiteRT words them: `dtype`, `shape` and `quantization` (scale, zero point)."""
+    parameters = tflm_details["quantization_parameters"]
+    scales, zero_points = list(parameters["scales"]), list(parameters["zero_points"])
+    return {"dtype": tflm_details["dtype"], "shape": np.asarray(tflm_details["shape"]),
+            "quantization": (float(scales[0]) if scales else 0.0, int(zero_points[0]) if zero_points else 0)}
 
 
 def check(flatbuffer, x_test, y_test, name="model", verbose=False):
@@ -227,7 +240,7 @@ def resolver_method(op):
 
 
 def c_sources(name, flatbuffer, arena_bytes):
-    """The C++ source and header that compile a `.tflite` model into a TFLM program, in TFLM's style.
+    """The C++ source and headers that compile a `.tflite` model into a TFLM program, in TFLM's style.
 
     `<name>.cc` holds the model, `alignas(16) const unsigned char g_<name>[]`,
     and its length `g_<name>_len`. `<name>.h` declares them and defines, with
@@ -235,9 +248,11 @@ def c_sources(name, flatbuffer, arena_bytes):
     `k<Name>ArenaSize`; the input's and output's `k<Name>InputScale`,
     `k<Name>InputZeroPoint`, `k<Name>OutputScale`, `k<Name>OutputZeroPoint`
     (0 and 0: a float tensor); `k<Name>Labels`, the class of each output, in
-    order; `<Name>OpResolver`, a `tflite::MicroMutableOpResolver` of exactly
-    as many ops as the graph has kinds, and `Add<Name>Ops(resolver)`, which
-    adds each of them.
+    order. Like TFLM's own array generator, they include no TFLM header, so
+    the model compiles on its own. `<name>_op_resolver.h`, which includes
+    `<name>.h` and TFLM's resolver, defines `<Name>OpResolver`, a `tflite::MicroMutableOpResolver` of
+    exactly as many ops as the graph has kinds, and `Add<Name>Ops(resolver)`,
+    which adds each of them.
 
     Args:
         name: the files' stem and the C++ names' root, e.g. "model_int8".
@@ -245,7 +260,7 @@ def c_sources(name, flatbuffer, arena_bytes):
         arena_bytes: the tensor arena the header asks for (`check`'s `arena_bytes`).
 
     Returns:
-        `{"<name>.cc": text, "<name>.h": text}`.
+        `{"<name>.cc": text, "<name>.h": text, "<name>_op_resolver.h": text}`.
     """
     model = TFLiteModel(flatbuffer, name)
     camel = "".join(part.capitalize() for part in name.split("_"))
@@ -271,7 +286,6 @@ def c_sources(name, flatbuffer, arena_bytes):
     guard = f"KERNORM_{name.upper()}_H_"
     header = (f"// {name}.tflite for TensorFlow Lite Micro, written by kernorm export --micro.\n"
               f"#ifndef {guard}\n#define {guard}\n\n"
-              f'#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"\n\n'
               f"extern const unsigned char g_{name}[];\n"
               f"extern const unsigned int g_{name}_len;\n\n"
               f"// The smallest tensor arena TFLM ran the model in on a 64-bit host (a 32-bit MCU needs at most\n"
@@ -280,8 +294,13 @@ def c_sources(name, flatbuffer, arena_bytes):
               + tensor("Input", model.input_details) + tensor("Output", model.output_details) +
               f"\nconstexpr int k{camel}NumClasses = {model.num_classes};\n"
               f"constexpr const char* k{camel}Labels[k{camel}NumClasses] = {{{labels}}};\n\n"
-              f"// Exactly the ops the model holds.\n"
-              f"using {camel}OpResolver = tflite::MicroMutableOpResolver<{len(ops)}>;\n\n"
-              f"inline TfLiteStatus Add{camel}Ops({camel}OpResolver& resolver) {{\n{adds}  return kTfLiteOk;\n}}\n\n"
               f"#endif  // {guard}\n")
-    return {f"{name}.cc": source, f"{name}.h": header}
+    guard = f"KERNORM_{name.upper()}_OP_RESOLVER_H_"
+    resolver = (f"// The TFLM ops of {name}.tflite, written by kernorm export --micro.\n"
+                f"#ifndef {guard}\n#define {guard}\n\n"
+                f'#include "{name}.h"\n#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"\n\n'
+                f"// Exactly the ops the model holds.\n"
+                f"using {camel}OpResolver = tflite::MicroMutableOpResolver<{len(ops)}>;\n\n"
+                f"inline TfLiteStatus Add{camel}Ops({camel}OpResolver& resolver) {{\n{adds}  return kTfLiteOk;\n}}\n\n"
+                f"#endif  // {guard}\n")
+    return {f"{name}.cc": source, f"{name}.h": header, f"{name}_op_resolver.h": resolver}

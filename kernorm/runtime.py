@@ -17,40 +17,43 @@ import os
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from kernorm.config import RUNTIMES
-from kernorm.errors import KernormError, check_choice
+from kernorm.errors import KernormError
 
 # A TFLite file is a FlatBuffer whose identifier, at bytes 4–8, is "TFL3".
 TFLITE_IDENTIFIER = b"TFL3"
 PIXEL_RANGE = (0, 255)
 
 
-def load_tflite(path, runtime="litert"):
+def load_tflite(path):
     """Reads a `.tflite` file into a `TFLiteModel`.
 
     Args:
         path: the file, e.g. one written by `kernorm export`.
-        runtime: one of `kernorm.config.RUNTIMES`: "litert", or "micro" for
-            TensorFlow Lite Micro's interpreter (`kernorm.micro.MicroModel`,
-            which needs the `micro` extra).
 
     Returns:
         A `TFLiteModel`. A missing, unreadable, truncated, corrupt or
-        non-TFLite file raises `KernormError`.
+        non-TFLite file raises `KernormError`. (`kernorm.micro.load_tflite`
+        runs it with TensorFlow Lite Micro's interpreter instead.)
     """
-    check_choice("runtime", runtime, RUNTIMES)
+    return TFLiteModel(read_tflite(path), name=os.fspath(path))
+
+
+def read_tflite(path):
+    """The bytes of a `.tflite` file; one that cannot be read raises `KernormError`."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            content = f.read()
+            return f.read()
     except OSError as e:
         raise KernormError(f"{path}: cannot read ({e.strerror}); "
                            f"pass a .tflite file written by kernorm export") from None
-    if runtime == "micro":
-        from kernorm.micro import MicroModel  # TFLM is an optional extra, imported only when asked for
 
-        return MicroModel(content, name=path)
-    return TFLiteModel(content, name=path)
+
+def check_tflite(content, name="model"):
+    """Raises `KernormError` unless `content` begins as a TFLite file does."""
+    if len(content) < 8 or content[4:8] != TFLITE_IDENTIFIER:
+        raise KernormError(f"{name}: not a TFLite model (no {TFLITE_IDENTIFIER.decode()} identifier); "
+                           f"pass a .tflite file written by kernorm export")
 
 
 def graph_ops(content):
@@ -93,49 +96,35 @@ def graph_stats(path):
     return collections.Counter(op["name"] for op in graph_ops(content)), pieces
 
 
-class TFLiteModel:
-    """A TFLite image classifier run by LiteRT's interpreter.
+class Classifier:
+    """An image classifier of one `.tflite` model, whichever interpreter runs it.
 
     Works for float models (float32, float16, dynamic-range) and full-integer
     ones alike: integer inputs are quantized and integer outputs dequantized
-    with the scale and zero point stored in the model itself. The batch size
-    is free: the input tensor is resized to each batch.
+    with the scale and zero point stored in the model itself. A subclass
+    runs a batch in `_invoke`: `TFLiteModel` with LiteRT, and
+    `kernorm.micro.MicroModel` with TensorFlow Lite Micro.
 
     Args:
-        content: the bytes of a `.tflite` file.
         name: what error messages call the model (its path, say).
-        reference: run it with LiteRT's reference kernels, the plain C++ that
-            TFLM's kernels derive from, instead of its optimized kernels and
-            XNNPACK delegate, which round int8 arithmetic their own ways:
-            slower, and the arithmetic of TFLM (see `kernorm.micro.check`).
+        input_details, output_details: the one input's and output's `dtype`,
+            `shape` (batch first) and `quantization` (scale, zero point), as
+            LiteRT's `get_input_details()` gives them.
 
     Attributes:
-        input_details, output_details: the interpreter's description of the
-            one input and one output tensor (`dtype`, `shape`, `quantization`).
+        input_details, output_details: as given.
         image_shape: the shape of one input image, e.g. `(28, 28, 1)`.
         num_classes: length of the output vector.
     """
 
-    def __init__(self, content, name="model", reference=False):
+    def __init__(self, name, input_details, output_details):
         self.name = name
-        if len(content) < 8 or content[4:8] != TFLITE_IDENTIFIER:
-            raise KernormError(f"{name}: not a TFLite model (no {TFLITE_IDENTIFIER.decode()} identifier); "
-                               f"pass a .tflite file written by kernorm export")
-        try:
-            resolver = OpResolverType.BUILTIN_REF if reference else OpResolverType.AUTO
-            self._interpreter = Interpreter(model_content=content, experimental_op_resolver_type=resolver)
-            self._interpreter.allocate_tensors()
-        except (ValueError, RuntimeError) as e:
-            raise KernormError(f"{name}: corrupt or truncated TFLite model ({str(e).splitlines()[0]}); "
-                               f"export it again") from None
-        inputs, outputs = self._interpreter.get_input_details(), self._interpreter.get_output_details()
-        if len(inputs) != 1 or len(outputs) != 1 or len(outputs[0]["shape"]) != 2:
-            raise KernormError(f"{name}: has {len(inputs)} inputs and {len(outputs)} outputs; kernorm runs "
+        if len(output_details["shape"]) != 2:
+            raise KernormError(f"{name}: has an output of shape {tuple(output_details['shape'])}; kernorm runs "
                                f"image classifiers with one image input and one (batch, classes) output")
-        self.input_details, self.output_details = inputs[0], outputs[0]
-        self.image_shape = tuple(int(d) for d in self.input_details["shape"][1:])
-        self.num_classes = int(self.output_details["shape"][1])
-        self._batch = int(self.input_details["shape"][0])
+        self.input_details, self.output_details = input_details, output_details
+        self.image_shape = tuple(int(d) for d in input_details["shape"][1:])
+        self.num_classes = int(output_details["shape"][1])
 
     def predict(self, images, batch_size=None):
         """Class probabilities for a batch of images.
@@ -179,6 +168,41 @@ class TFLiteModel:
             raise KernormError(f"{self.name}: pixel values must be raw pixels in 0–255 (the model normalises "
                                f"inside), got values from {images.min()} to {images.max()}")
         return images
+
+    def _invoke(self, batch):
+        """The float logits of a batch of raw-pixel images of `image_shape`, `(len(batch), num_classes)`."""
+        raise NotImplementedError
+
+
+class TFLiteModel(Classifier):
+    """A TFLite image classifier run by LiteRT's interpreter (see `Classifier`).
+
+    The batch size is free: the input tensor is resized to each batch.
+
+    Args:
+        content: the bytes of a `.tflite` file.
+        name: what error messages call the model (its path, say).
+        reference: run it with LiteRT's reference kernels, the plain C++ that
+            TFLM's kernels derive from, instead of its optimized kernels and
+            XNNPACK delegate, which round int8 arithmetic their own ways:
+            slower, and the arithmetic of TFLM (see `kernorm.micro.check`).
+    """
+
+    def __init__(self, content, name="model", reference=False):
+        check_tflite(content, name)
+        try:
+            resolver = OpResolverType.BUILTIN_REF if reference else OpResolverType.AUTO
+            self._interpreter = Interpreter(model_content=content, experimental_op_resolver_type=resolver)
+            self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise KernormError(f"{name}: corrupt or truncated TFLite model ({str(e).splitlines()[0]}); "
+                               f"export it again") from None
+        inputs, outputs = self._interpreter.get_input_details(), self._interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise KernormError(f"{name}: has {len(inputs)} inputs and {len(outputs)} outputs; kernorm runs "
+                               f"image classifiers with one image input and one (batch, classes) output")
+        super().__init__(name, inputs[0], outputs[0])
+        self._batch = int(self.input_details["shape"][0])
 
     def _invoke(self, batch):
         index = self.input_details["index"]

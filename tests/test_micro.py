@@ -16,7 +16,7 @@ from kernorm import micro
 from kernorm.cli import main
 from kernorm.config import ExportConfig
 from kernorm.errors import KernormError
-from kernorm.runtime import TFLiteModel, graph_ops, graph_stats, load_tflite
+from kernorm.runtime import TFLiteModel, graph_ops, graph_stats
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The MicroMutableOpResolver method that adds each op kernorm's networks convert to, named as in TFLM's
@@ -52,7 +52,7 @@ def reduce_prod_model():
 def test_micro_export_writes_the_model_its_sources_and_figures(micro_exported):
     export_dir = micro_exported["export_dir"]
     assert sorted(os.listdir(export_dir)) == [".kernorm", "config.json", "export.json", "model_int8.cc",
-                                               "model_int8.h", "model_int8.tflite"]
+                                               "model_int8.h", "model_int8.tflite", "model_int8_op_resolver.h"]
     figures = read_json(export_dir, "export.json")["models"]["int8"]
     tflm = figures["micro"]
     assert figures["passed"] and tflm["passed"] and tflm["failure"] is None
@@ -60,7 +60,7 @@ def test_micro_export_writes_the_model_its_sources_and_figures(micro_exported):
     assert tflm["flash_bytes"] == figures["size_bytes"]
     assert tflm["arena_bytes"] == tflm["arena_measured_bytes"] + 16
     ops, _ = graph_stats(os.path.join(export_dir, "model_int8.tflite"))
-    assert tflm["ops"] == dict(ops) and tflm["files"] == ["model_int8.cc", "model_int8.h"]
+    assert tflm["ops"] == dict(ops) and tflm["files"] == ["model_int8.cc", "model_int8.h", "model_int8_op_resolver.h"]
     assert re.search(r"TFLM acc +\d+\.\d\d % \(LiteRT reference \d+\.\d\d %, agree \d+\.\d\d %\).*MACs  ok",
                      micro_exported["output"])
     assert ExportConfig(**read_json(export_dir, "config.json")).micro is True
@@ -108,7 +108,7 @@ def test_resolver_methods_are_named_as_tflm_names_them():
 def test_resolver_adds_exactly_the_ops_tflm_ran(micro_exported, int8_model):
     """The header's resolver adds each op kind of the model once, by TFLM's name for it, and holds no more;
     TFLM ran the model with those ops at LiteRT's accuracy."""
-    header = read(micro_exported["export_dir"], "model_int8.h")
+    header = read(micro_exported["export_dir"], "model_int8_op_resolver.h")
     tflm = read_json(micro_exported["export_dir"], "export.json")["models"]["int8"]["micro"]
     ops = {op["name"] for op in graph_ops(int8_model)}
     assert tflm["passed"] and set(tflm["ops"]) == ops and {"CONV_2D", "QUANTIZE", "FULLY_CONNECTED"} <= ops
@@ -156,13 +156,27 @@ def test_sources_and_the_readme_program_compile_link_and_run(micro_exported, tmp
         "  static_assert(kModelInt8ArenaSize > 1024 && kModelInt8NumClasses == 10, \"constants\");\n"
         "  if (g_model_int8_len < 8 || g_model_int8[4] != 'T' || g_model_int8[7] != '3') return 2;\n"
         "  return Classify(pixels) == 3 ? 0 : 3;\n}\n")
-    for name in ("model_int8.cc", "model_int8.h"):
+    for name in ("model_int8.cc", "model_int8.h", "model_int8_op_resolver.h"):
         shutil.copy(os.path.join(micro_exported["export_dir"], name), tmp_path)
     binary = tmp_path / "check"
     build = subprocess.run(["g++", "-std=c++17", "-Wall", "-Werror", "-I", str(tmp_path), str(tmp_path / "main.cc"),
                             str(tmp_path / "model_int8.cc"), "-o", str(binary)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     assert subprocess.run([str(binary)]).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("g++"), reason="needs g++")
+def test_the_model_source_compiles_without_tflm(micro_exported, tmp_path):
+    """As TFLM's own array generator's output: the model and its header need no TFLM header; the resolver's
+    header does."""
+    export_dir = micro_exported["export_dir"]
+    assert "tensorflow/" not in read(export_dir, "model_int8.h") + read(export_dir, "model_int8.cc")
+    assert '#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"' in read(export_dir,
+                                                                                 "model_int8_op_resolver.h")
+    build = subprocess.run(["g++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-c", "model_int8.cc", "-o",
+                            str(tmp_path / "model.o")], cwd=export_dir, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
 
 
 @pytest.mark.slow
@@ -203,7 +217,7 @@ def test_micro_runtime_matches_litert(exported, mnist, quantize):
     path = os.path.join(exported["export_dir"], f"model_{quantize}.tflite")
     images = x_test[:200]
     litert = TFLiteModel(read(path, mode="rb"), reference=True)  # the kernels TFLM's derive from
-    tflm, expected = load_tflite(path, runtime="micro").logits(images), litert.logits(images)
+    tflm, expected = micro.load_tflite(path).logits(images), litert.logits(images)
     np.testing.assert_array_equal(tflm.argmax(-1), expected.argmax(-1))
     step = litert.output_details["quantization"][0]  # one int8 step; 0 for float logits
     np.testing.assert_allclose(tflm, expected, rtol=1e-5, atol=1.001 * step or 1e-4)
