@@ -87,8 +87,8 @@ def test_a_drop_beyond_max_drop_is_refused_and_one_within_it_kept(lost, passed, 
     points passes --max-drop 0.3 exactly, 0.31 is refused with no model file."""
     real_check = kernorm.export.check
 
-    def check_losing(flatbuffer, quantize, x_test, y_test, keras_pred):
-        figures = real_check(flatbuffer, quantize, x_test, y_test, keras_pred)
+    def check_losing(flatbuffer, quantize, x_test, y_test, keras_pred, verbose=False):
+        figures = real_check(flatbuffer, quantize, x_test, y_test, keras_pred, verbose)
         pred = keras_pred.copy()
         missed = np.flatnonzero(pred == y_test)[:lost]
         pred[missed] = (y_test[missed] + 1) % 10
