@@ -45,8 +45,8 @@ def test_shuffled_test_labels_do_not_move_the_chosen_epoch(tmp_path, data_dir, m
                          data_dir=data_dir)
     train(dataclasses.replace(config, out=str(tmp_path / "a")), verbose=False)
 
-    def shuffled_test_labels(data_dir):
-        train_set, (x_test, y_test) = load_mnist(data_dir)
+    def shuffled_test_labels(*args):
+        train_set, (x_test, y_test) = load_mnist(*args)
         return train_set, (x_test, np.random.default_rng(0).permutation(y_test))
 
     monkeypatch.setattr(kernorm.train, "load_mnist", shuffled_test_labels)
