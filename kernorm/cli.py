@@ -416,12 +416,14 @@ def predict(ctx, model, images, top, digits, max_digits, debug_dir, runtime):
     import os
 
     from kernorm.images import load_digit, load_digits, save_crops
-    from kernorm.runtime import load_tflite, top_k
+    from kernorm.runtime import top_k
 
     if not digits and ctx.get_parameter_source("max_digits") is not ParameterSource.DEFAULT:
         raise click.UsageError("--max-digits limits --digits; add --digits to read numbers")
     if runtime == "micro":
         from kernorm.micro import load_tflite  # TFLM is an optional extra, imported only when asked for
+    else:
+        from kernorm.runtime import load_tflite
     tflite = load_tflite(model)
     failed = False
     for path in images:
