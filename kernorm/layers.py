@@ -5,8 +5,10 @@ These factories keep that order and its semantics; a norm is picked by a short
 name from `kernorm.norms.NORMS`, so adding one is one entry there.
 """
 
+import math
+
 import keras
-from keras import layers
+from keras import layers, ops
 
 from kernorm.config import DEFAULT_GROUPS, DROPOUT_LAYERS
 from kernorm.errors import check_choice
@@ -14,6 +16,20 @@ from kernorm.norms import create_norm_layer
 
 # PyTorch's default initialisation of conv and linear weights: U(±1/sqrt(fan_in)).
 TORCH_INIT = {"scale": 1 / 3, "mode": "fan_in", "distribution": "uniform"}
+
+
+@keras.saving.register_keras_serializable(package="kernorm")
+class Flatten(layers.Flatten):
+    """Keras's `Flatten` whose reshape leaves the batch to -1: `(N, ...)` -> `(N, product of the rest)`.
+
+    Keras's own reshapes to the input's runtime batch size, which an exported graph
+    computes with SHAPE, STRIDED_SLICE and PACK ops; here the new shape is a constant,
+    so the graph holds one RESHAPE and works at any batch size all the same. The
+    dimensions after the batch must be known when the layer is built.
+    """
+
+    def call(self, inputs):
+        return ops.reshape(inputs, (-1, math.prod(inputs.shape[1:])))
 
 
 def kernel_regularizer(l1, l2):

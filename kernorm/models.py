@@ -9,7 +9,7 @@ from keras import layers
 
 from kernorm.config import DEFAULT_GROUPS
 from kernorm.errors import KernormError, check_choice
-from kernorm.layers import TORCH_INIT, conv_block, kernel_regularizer, trans_block
+from kernorm.layers import TORCH_INIT, Flatten, conv_block, kernel_regularizer, trans_block
 
 # MNIST's pixel mean and standard deviation on [0, 1], as the study normalised.
 MNIST_MEAN = 0.1307
@@ -39,7 +39,7 @@ def _study_layers(block):
         trans_block(10, 10, name="transition1"),
         conv_block([10, 10], name="block2", **block),
         trans_block(10, 10, name="transition2"),
-        layers.Flatten(name="flatten"),
+        Flatten(name="flatten"),
     ]
 
 
