@@ -37,7 +37,9 @@ MAKEFILE = "tensorflow/lite/micro/tools/make/Makefile"
 KERNELS = "tensorflow/lite/micro/kernels"
 DOWNLOADS = "tensorflow/lite/micro/tools/make/downloads"
 # The firmware's sources, besides platform_<target>.cc and the model's.
-APP_SOURCES = ["main.cc", "main_functions.cc", "image_provider.cc", "output_responder.cc"]
+APP_SOURCES = ["main.cc", "main_functions.cc", "image_provider.cc", "output_responder.cc", "print.cc", "mean.cc"]
+# kernorm's own kernels in kernorm/firmware/, by op: the header and the registration, for a target's `own_kernels`.
+OWN_KERNELS = {"MEAN": ("mean.h", "kernorm::RegisterMean()")}
 # The images file the firmware reads, MNIST's IDX format, written into the export folder beside it.
 IMAGES_FILE = "device_images.idx"
 # Seconds QEMU or the host program may take: this much, plus PER_IMAGE_SECONDS for each image.
@@ -60,6 +62,9 @@ class Target:
         platform: `kernorm/firmware/platform_<platform>.cc` (and `startup_<platform>.c` when it exists).
         kernels: TFLM's `OPTIMIZED_KERNEL_DIR` ("" for its reference kernels).
         build_type: TFLM's `BUILD_TYPE`; "release" strips its error strings.
+        own_kernels: ops that run kernorm's kernel (`OWN_KERNELS`) rather than TFLM's.
+        int8_kernels: register an op whose tensors are all int8 with TFLM's `Register_<OP>_INT8()` where
+            the optimized kernels have one: it links the int8 code alone, not every type's.
         machine: the QEMU machine it runs on (None: runs on this machine).
         linker_script: in `kernorm/firmware/`, for a QEMU machine.
         flash_bytes, ram_bytes: the machine's memory, which the firmware must fit.
@@ -71,6 +76,8 @@ class Target:
     platform: str = "host"
     kernels: str = ""
     build_type: str = "default"
+    own_kernels: tuple = ()
+    int8_kernels: bool = False
     machine: str | None = None
     linker_script: str | None = None
     flash_bytes: int | None = None
@@ -85,8 +92,10 @@ TARGETS = {
     "host": Target(),
     # TFLM's reference kernels: the C++ its Python interpreter runs.
     "cortex-m4": Target(**_CORTEX_M4),
-    # Arm's CMSIS-NN kernels where TFLM has them, in TFLM's release build.
-    "cortex-m4-cmsis-nn": Target(**_CORTEX_M4, kernels="cmsis_nn", build_type="release"),
+    # Arm's CMSIS-NN kernels where TFLM has them and kernorm's MEAN, in TFLM's release build.
+    # CMSIS_NN: TFLM's headers then declare CMSIS-NN's int8-only registrations.
+    "cortex-m4-cmsis-nn": Target(**dict(_CORTEX_M4, flags=_CORTEX_M4["flags"] + ("-DCMSIS_NN",)), kernels="cmsis_nn",
+                                 build_type="release", own_kernels=("MEAN",), int8_kernels=True),
 }
 
 
@@ -132,16 +141,19 @@ def check_setup(device, tflm_dir, images, available):
     return os.path.abspath(tflm_dir)
 
 
-def kernel_sources(tflm_dir, ops):
+def kernel_sources(tflm_dir, ops, optimized=""):
     """TFLM's kernel sources that a graph of `ops` needs, relative to `tflm_dir`.
 
     Each op's kernel is the file that defines its `Register_<OP>()`, with its `<file>_common.cc` when
-    there is one, and `kernel_util.cc`, which every kernel uses. A Makefile with an
-    `OPTIMIZED_KERNEL_DIR` swaps in that folder's file of the same name where it has one.
+    there is one, and `kernel_util.cc`, which every kernel uses. With `optimized`, that folder's file of
+    the same name replaces the reference kernel where it has one, as TFLM's Makefile does for its
+    `OPTIMIZED_KERNEL_DIR`: the Makefile cannot do it here, since a list of sources given on its command
+    line overrides the one it would specialize.
 
     Args:
         tflm_dir: TFLM's source folder.
         ops: op names as `kernorm.runtime.graph_ops` gives them, e.g. "CONV_2D".
+        optimized: a folder of `tensorflow/lite/micro/kernels`, e.g. "cmsis_nn"; "" for the reference kernels.
 
     Returns:
         The sorted paths. An op no kernel registers raises `KernormError`.
@@ -160,7 +172,8 @@ def kernel_sources(tflm_dir, ops):
                                f"export a model without it")
         stem = found[0][:-len(".cc")]
         sources.update(name for name in (found[0], f"{stem}_common.cc") if name in texts)
-    return [f"{KERNELS}/{name}" for name in sorted(sources)]
+    return [f"{KERNELS}/{optimized}/{name}" if optimized and os.path.exists(os.path.join(folder, optimized, name))
+            else f"{KERNELS}/{name}" for name in sorted(sources)]
 
 
 def _source_tree(tflm_dir, folder, target_name, target):
@@ -216,7 +229,7 @@ def tflm_library(device, tflm_dir, ops, verbose=True):
         `(library, include_flags)`: the `.a` file's path and the `-isystem` flags that compile against it.
     """
     target = TARGETS[device]
-    kernels = kernel_sources(tflm_dir, ops)
+    kernels = kernel_sources(tflm_dir, ops, target.kernels)
     built_with = (os.path.realpath(tflm_dir), target.toolchain, target.arch, target.flags, target.kernels,
                   target.build_type)
     key = hashlib.sha256(repr(built_with).encode()).hexdigest()[:16]
@@ -276,12 +289,55 @@ def _last_line(result):
     return lines[-1].strip()[:300] if lines else f"status {result.returncode}"
 
 
-def model_settings(name):
-    """`model_settings.h`: the names the firmware's sources use for the model `name`'s (`<name>.h`)."""
+def registrations(tflm_dir, device, ops):
+    """The kernels a device's firmware registers in place of TFLM's default ones, by op.
+
+    Args:
+        tflm_dir: TFLM's source folder.
+        device: a name in `TARGETS`.
+        ops: the model's ops, as `kernorm.runtime.graph_ops` gives them.
+
+    Returns:
+        `{op: C++ expression of its TFLMRegistration}`: kernorm's kernels of the target's `own_kernels`,
+        and with `int8_kernels` the optimized folder's `Register_<OP>_INT8()` for each op whose tensors are
+        all int8.
+    """
+    target = TARGETS[device]
+    names = {op["name"] for op in ops}
+    chosen = {name: OWN_KERNELS[name][1] for name in target.own_kernels if name in names}
+    if target.int8_kernels:
+        folder = os.path.join(tflm_dir, KERNELS, target.kernels)
+        defined = set()
+        for file in os.listdir(folder):
+            if file.endswith(".cc"):
+                with open(os.path.join(folder, file)) as f:
+                    defined.update(re.findall(r"TFLMRegistration Register_(\w+)_INT8\(\)\s*{", f.read()))
+        for name in sorted(names & defined - set(chosen)):
+            if all(set(op["types"]) == {"int8"} for op in ops if op["name"] == name):
+                chosen[name] = f"tflite::Register_{name}_INT8()"
+    return chosen
+
+
+def model_settings(name, ops, registered=None):
+    """`model_settings.h`: the names the firmware's sources use for the model `name`'s (`<name>.h`).
+
+    `AddModelOps` is the model's own `Add<Name>Ops`, unless `registered` (see `registrations`) replaces
+    some of the kernels of its `ops` (names): then it adds the same ops, those with their registrations.
+    """
+    from kernorm.micro import resolver_adds
+
     camel = "".join(part.capitalize() for part in name.split("_"))
+    if registered:
+        includes = "".join(f'#include "{header}"\n' for op, (header, _) in OWN_KERNELS.items() if op in registered)
+        add_ops = (f"// The model's ops, with other kernels than TFLM's default for {', '.join(sorted(registered))}.\n"
+                   f"inline TfLiteStatus AddModelOps(ModelOpResolver& resolver) {{\n"
+                   f"{resolver_adds(ops, registered)}  return kTfLiteOk;\n}}\n")
+    else:
+        includes = ""
+        add_ops = f"inline TfLiteStatus AddModelOps(ModelOpResolver& resolver) {{ return Add{camel}Ops(resolver); }}\n"
     return (f"// The model the firmware runs: {name}.tflite, as kernorm.micro.c_sources writes it.\n"
             f"#ifndef KERNORM_FIRMWARE_MODEL_SETTINGS_H_\n#define KERNORM_FIRMWARE_MODEL_SETTINGS_H_\n\n"
-            f'#include "{name}.h"\n#include "{name}_op_resolver.h"\n\n'
+            f'#include "{name}.h"\n#include "{name}_op_resolver.h"\n{includes}\n'
             f"constexpr int kImageBytes = 28 * 28;\n"
             f"constexpr int kArenaSize = k{camel}ArenaSize;\n"
             f"constexpr int kNumClasses = k{camel}NumClasses;\n"
@@ -289,7 +345,7 @@ def model_settings(name):
             f"constexpr int kInputZeroPoint = k{camel}InputZeroPoint;\n"
             f"const unsigned char* const kModelData = g_{name};\n"
             f"using ModelOpResolver = {camel}OpResolver;\n"
-            f"inline TfLiteStatus AddModelOps(ModelOpResolver& resolver) {{ return Add{camel}Ops(resolver); }}\n\n"
+            f"{add_ops}\n"
             f"#endif  // KERNORM_FIRMWARE_MODEL_SETTINGS_H_\n")
 
 
@@ -301,7 +357,7 @@ def build(device, tflm_dir, name, sources, ops, folder, verbose=True):
         tflm_dir: TFLM's source folder, checked by `check_setup`.
         name: the model's stem, e.g. "model_int8".
         sources: its source and headers, `kernorm.micro.c_sources(name, ...)`.
-        ops: its op names.
+        ops: its ops, as `kernorm.runtime.graph_ops` gives them.
         folder: where the objects and the firmware go.
 
     Returns:
@@ -309,8 +365,10 @@ def build(device, tflm_dir, name, sources, ops, folder, verbose=True):
         raises `KernormError`.
     """
     target = TARGETS[device]
-    library, includes = tflm_library(device, tflm_dir, ops, verbose)
-    for file, text in dict(sources, **{"model_settings.h": model_settings(name)}).items():
+    names = [op["name"] for op in ops]
+    library, includes = tflm_library(device, tflm_dir, names, verbose)
+    registered = registrations(tflm_dir, device, ops)
+    for file, text in dict(sources, **{"model_settings.h": model_settings(name, names, registered)}).items():
         write_text(os.path.join(folder, file), text)
     files = [os.path.join(SOURCES, f) for f in APP_SOURCES + [f"platform_{target.platform}.cc"]]
     startup = os.path.join(SOURCES, f"startup_{target.platform}.c")
@@ -448,8 +506,8 @@ def check(device, tflm_dir, name, flatbuffer, arena_bytes, x_test, y_test, count
     expected = micro.MicroModel(flatbuffer, name).logits(images).argmax(-1)
     with tempfile.TemporaryDirectory(prefix="kernorm-firmware-") as folder:
         try:
-            built = build(device, tflm_dir, name, micro.c_sources(name, flatbuffer, arena_bytes),
-                          [op["name"] for op in ops], folder, verbose)
+            built = build(device, tflm_dir, name, micro.c_sources(name, flatbuffer, arena_bytes), ops,
+                          folder, verbose)
             size = sizes(device, built)
             flash, ram = size["text"] + size["data"], size["data"] + size["bss"]
             if target.flash_bytes and (flash > target.flash_bytes or ram > target.ram_bytes):
@@ -475,8 +533,9 @@ def check(device, tflm_dir, name, flatbuffer, arena_bytes, x_test, y_test, count
         "sections": size,
         "arena_bytes": arena_bytes,
         "arena_used_bytes": summary["arena_used_bytes"],
-        "stack_used_bytes": summary["stack_used_bytes"] or None,
-        "heap_used_bytes": summary["heap_used_bytes"] or None,
+        # Measured on a QEMU machine only.
+        "stack_used_bytes": summary["stack_used_bytes"] if target.machine else None,
+        "heap_used_bytes": summary["heap_used_bytes"] if target.machine else None,
         # -icount shift=0: one instruction per nanosecond of emulated time.
         "instructions_per_inference": round(per_inference * 1e9) if target.machine else None,
         # This machine's processor time, which other processes do not inflate.

@@ -239,6 +239,18 @@ def resolver_method(op):
     return "Add" + "".join(part.capitalize() if part[0].isalpha() else part for part in op.split("_"))
 
 
+def resolver_adds(ops, registrations=None):
+    """The C++ lines of an `Add<Name>Ops(resolver)` function that add each op once, in name order.
+
+    Args:
+        ops: op names, e.g. "CONV_2D".
+        registrations: `{op: C++ expression of a TFLMRegistration}` for ops whose kernel is not TFLM's default.
+    """
+    registrations = registrations or {}
+    return "".join(f"  TF_LITE_ENSURE_STATUS(resolver.{resolver_method(op)}({registrations.get(op, '')}));\n"
+                   for op in sorted(set(ops)))
+
+
 def c_sources(name, flatbuffer, arena_bytes):
     """The C++ source and headers that compile a `.tflite` model into a TFLM program, in TFLM's style.
 
@@ -282,7 +294,7 @@ def c_sources(name, flatbuffer, arena_bytes):
 
     # MNIST's classes: output i is digit i.
     labels = ", ".join(f'"{digit}"' for digit in range(model.num_classes))
-    adds = "".join(f"  TF_LITE_ENSURE_STATUS(resolver.{resolver_method(op)}());\n" for op in ops)
+    adds = resolver_adds(ops)
     guard = f"KERNORM_{name.upper()}_H_"
     header = (f"// {name}.tflite for TensorFlow Lite Micro, written by kernorm export --micro.\n"
               f"#ifndef {guard}\n#define {guard}\n\n"

@@ -68,14 +68,19 @@ def graph_ops(content):
     Returns:
         One dict per op: `name` (e.g. "CONV_2D"), `inputs` and `outputs`: the
         shapes of its tensors at batch 1, as tuples (None for an optional
-        input left out).
+        input left out), and `types`: the NumPy type name of its first input and of
+        its outputs, e.g. `["int8", "int8"]`.
     """
     interpreter = Interpreter(model_content=content,
                               experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interpreter.allocate_tensors()
-    shapes = {t["index"]: tuple(int(d) for d in t["shape"]) for t in interpreter.get_tensor_details()}
+    details = interpreter.get_tensor_details()
+    shapes = {t["index"]: tuple(int(d) for d in t["shape"]) for t in details}
+    types = {t["index"]: np.dtype(t["dtype"]).name for t in details}
     return [{"name": op["op_name"], "inputs": [shapes.get(i) for i in op["inputs"]],
-             "outputs": [shapes[i] for i in op["outputs"]]} for op in interpreter._get_ops_details()]
+             "outputs": [shapes[i] for i in op["outputs"]],
+             "types": [types[i] for i in list(op["inputs"][:1]) + list(op["outputs"])]}
+            for op in interpreter._get_ops_details()]
 
 
 def graph_stats(path):

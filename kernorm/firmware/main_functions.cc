@@ -1,13 +1,12 @@
 #include "main_functions.h"
 
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 
 #include "image_provider.h"
 #include "model_settings.h"
 #include "output_responder.h"
 #include "platform.h"
+#include "print.h"
 #include "tensorflow/lite/micro/micro_interpreter.h"
 #include "tensorflow/lite/schema/schema_generated.h"
 
@@ -33,16 +32,14 @@ int ArgMax(const TfLiteTensor* output) {
   return best;
 }
 
-// `value` in decimal: newlib-nano's printf, which keeps Cortex-M firmware small, has no %llu.
-const char* Decimal(unsigned long long value) {
-  static char digits[21];
-  char* c = digits + sizeof(digits) - 1;
-  *c = '\0';
-  do {
-    *--c = static_cast<char>('0' + value % 10);
-    value /= 10;
-  } while (value);
-  return c;
+// A count in decimal digits; -1 for anything else.
+long ParseCount(const char* text) {
+  long value = 0;
+  for (const char* c = text; *c; ++c) {
+    if (*c < '0' || *c > '9' || value > 100000000) return -1;
+    value = value * 10 + (*c - '0');
+  }
+  return *text ? value : -1;
 }
 
 }  // namespace
@@ -50,21 +47,21 @@ const char* Decimal(unsigned long long value) {
 bool setup(int argc, char* argv[]) {
   PlatformInit();
   if (argc != 3) {
-    printf("usage: %s IMAGES N\n", argc ? argv[0] : "firmware");
+    PrintLine({"usage: ", argc ? argv[0] : "firmware", " IMAGES N"});
     return false;
   }
-  images = strtol(argv[2], nullptr, 10);
+  images = ParseCount(argv[2]);
   if (!OpenImages(argv[1], images)) return false;
   static ModelOpResolver resolver;
   if (AddModelOps(resolver) != kTfLiteOk) {
-    printf("error: the op resolver is too small for the model's ops\n");
+    PrintLine({"error: the op resolver is too small for the model's ops"});
     return false;
   }
   static tflite::MicroInterpreter static_interpreter(tflite::GetModel(kModelData), resolver, tensor_arena,
                                                      kArenaSize);
   interpreter = &static_interpreter;
   if (interpreter->AllocateTensors() != kTfLiteOk) {
-    printf("error: the model's tensors do not fit the %d-byte arena\n", kArenaSize);
+    PrintLine({"error: the model's tensors do not fit the ", Number(kArenaSize), "-byte arena"});
     return false;
   }
   return true;
@@ -93,7 +90,7 @@ bool loop() {
   }
   const unsigned long long start = ReadTicks();
   if (interpreter->Invoke() != kTfLiteOk) {
-    printf("error: Invoke failed on image %ld\n", next_image);
+    PrintLine({"error: Invoke failed on image ", Number(next_image)});
     failed = true;
     return false;
   }
@@ -104,10 +101,9 @@ bool loop() {
 }
 
 int finish() {
-  printf("summary images=%ld arena_used_bytes=%u ticks=%s tick_hz=%lu stack_used_bytes=%lu heap_used_bytes=%lu\n",
-         next_image, interpreter ? static_cast<unsigned>(interpreter->arena_used_bytes()) : 0u, Decimal(ticks),
-         static_cast<unsigned long>(kTickHz), static_cast<unsigned long>(StackUsedBytes()),
-         static_cast<unsigned long>(HeapUsedBytes()));
-  fflush(stdout);
+  PrintLine({"summary images=", Number(next_image), " arena_used_bytes=",
+             Number(interpreter ? static_cast<long long>(interpreter->arena_used_bytes()) : 0), " ticks=",
+             Number(static_cast<long long>(ticks)), " tick_hz=", Number(kTickHz), " stack_used_bytes=",
+             Number(StackUsedBytes()), " heap_used_bytes=", Number(HeapUsedBytes())});
   return failed || next_image != images ? 1 : 0;
 }

@@ -1,5 +1,5 @@
 #include "output_responder.h"
 
-#include <cstdio>
+#include "print.h"
 
-void RespondToClassification(long index, int digit) { printf("%ld %d\n", index, digit); }
+void RespondToClassification(long index, int digit) { PrintLine({Number(index), " ", Number(digit)}); }

@@ -1,3 +1,4 @@
+#include <cstdio>
 #include <ctime>
 
 #include "platform.h"
@@ -8,6 +9,16 @@ const unsigned long kTickHz = CLOCKS_PER_SEC;
 void PlatformInit() {}
 
 unsigned long long ReadTicks() { return std::clock(); }
+
+namespace {
+FILE* file = nullptr;
+}
+
+void Write(const char* text) { fputs(text, stdout); }
+
+bool OpenFile(const char* path) { return (file = fopen(path, "rb")) != nullptr; }
+
+bool ReadFile(void* buffer, unsigned long bytes) { return file && fread(buffer, 1, bytes, file) == bytes; }
 
 size_t StackUsedBytes() { return 0; }
 

@@ -1,8 +1,7 @@
 // Start-up of a Cortex-M under QEMU: the vector table, then the FPU on, .data copied from flash,
-// .bss zeroed, the stack painted, newlib's semihosting I/O opened, C++'s constructors run, and main
-// called with the arguments QEMU's -semihosting-config gives.
+// .bss zeroed, the stack painted, C++'s constructors run, main called with the arguments QEMU's
+// -semihosting-config gives, and its status handed back to QEMU.
 #include <stdint.h>
-#include <stdlib.h>
 
 // Laid out by mps2_an386.ld.
 extern uint32_t __data_load, __data_start, __data_end, __bss_start__, __bss_end__, __stack_bottom, __stack_top;
@@ -10,7 +9,6 @@ extern uint32_t __data_load, __data_start, __data_end, __bss_start__, __bss_end_
 const uint32_t kStackPaint = 0xC0FFEE11u;
 
 int main(int argc, char* argv[]);
-void initialise_monitor_handles(void);  // newlib's librdimon: stdin, stdout and stderr through semihosting
 void __libc_init_array(void);
 void SysTick_Handler(void);
 
@@ -21,7 +19,7 @@ void _fini(void) {}
 void* __dso_handle = 0;
 
 // ARM semihosting: the operation in r0, its argument block in r1, the result back in r0.
-static int Semihost(int operation, void* argument) {
+int Semihost(int operation, void* argument) {
   register int r0 __asm__("r0") = operation;
   register void* r1 __asm__("r1") = argument;
   __asm__ volatile("bkpt 0xAB" : "+r"(r0) : "r"(r1) : "memory");
@@ -29,7 +27,8 @@ static int Semihost(int operation, void* argument) {
 }
 
 enum { kSysWrite0 = 0x04, kSysGetCmdline = 0x15, kSysExit = 0x18 };
-enum { kRunTimeErrorUnknown = 0x20023 };
+// SYS_EXIT's reasons: QEMU exits with status 0 for the first, 1 for the second.
+enum { kApplicationExit = 0x20026, kRunTimeErrorUnknown = 0x20023 };
 
 // A fault ends the emulation at once with a message, rather than spinning until a time-out.
 static void Fault_Handler(void) {
@@ -70,10 +69,11 @@ void Reset_Handler(void) {
   // Up to a little below this function's own frame, which is in use.
   uint32_t* in_use = (uint32_t*)__builtin_frame_address(0) - 64;
   for (uint32_t* word = &__stack_bottom; word < in_use; ++word) *(volatile uint32_t*)word = kStackPaint;
-  initialise_monitor_handles();
   __libc_init_array();
   int argc = ReadArguments();
-  exit(main(argc, arguments));
+  Semihost(kSysExit, (void*)(main(argc, arguments) ? kRunTimeErrorUnknown : kApplicationExit));
+  for (;;) {
+  }
 }
 
 typedef void (*Handler)(void);
