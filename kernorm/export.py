@@ -23,7 +23,7 @@ from kernorm.data import load_mnist, recorded_data_dir
 from kernorm.errors import KernormError
 from kernorm.files import write_bytes, write_json, write_text
 from kernorm.folders import inside, prepare, saved_config
-from kernorm.models import load_model
+from kernorm.models import load_model, with_constant_flatten
 from kernorm.rundir import CONFIG as RUN_CONFIG
 from kernorm.runtime import TFLiteModel
 
@@ -71,7 +71,7 @@ def convert(model, quantize, calibration=None):
     Returns:
         The `.tflite` file's bytes.
     """
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = tf.lite.TFLiteConverter.from_keras_model(with_constant_flatten(model))
     if quantize != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantize == "float16":

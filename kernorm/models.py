@@ -137,6 +137,21 @@ def count_trainable(model):
     return int(sum(w.numpy().size for w in model.trainable_weights))
 
 
+def with_constant_flatten(model):
+    """`model` with each of Keras's `Flatten` layers replaced by kernorm's (`kernorm.layers.Flatten`).
+
+    A model saved before the study network had kernorm's flatten then exports
+    without the SHAPE, STRIDED_SLICE and PACK ops that Keras's needs; the
+    weights and the outputs stay the same. A model without one is returned as it is.
+    """
+    if not any(type(layer) is layers.Flatten for layer in model.layers):
+        return model
+    clone = keras.models.clone_model(model, clone_function=lambda layer: (
+        Flatten if type(layer) is layers.Flatten else type(layer)).from_config(layer.get_config()))
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 def load_model(path):
     """Loads a `.keras` model with Keras's safe mode on: nothing is unpickled or run from the file."""
     if not os.path.isfile(path):

@@ -175,3 +175,25 @@ def test_int8_models_are_integer_throughout(norm, mnist, tmp_path):
     float_tensors = [t["name"] for t in interpreter.get_tensor_details()
                      if t["dtype"] == np.float32 and t["name"] and "shape" not in t["name"].lower()]
     assert not float_tensors
+
+
+def test_a_model_saved_with_keras_flatten_exports_one_reshape_and_the_same_logits(tmp_path):
+    """A study network saved before kernorm had its own flatten: the export swaps in kernorm's, whose
+    constant shape needs no SHAPE, STRIDED_SLICE or PACK op, and runs at any batch size as before."""
+    import keras
+
+    from kernorm.models import load_model
+    from kernorm.runtime import graph_ops
+
+    model = build_model("ln")
+    old = keras.Sequential([keras.Input((28, 28, 1))] + [
+        keras.layers.Flatten(name=layer.name) if layer.name == "flatten" else layer for layer in model.layers])
+    old.save(tmp_path / "old.keras")
+    loaded = load_model(str(tmp_path / "old.keras"))
+    assert type(loaded.get_layer("flatten")) is keras.layers.Flatten
+    flatbuffer = kernorm.export.convert(loaded, "float32")
+    names = [op["name"] for op in graph_ops(flatbuffer)]
+    assert names.count("RESHAPE") == 1 and not {"SHAPE", "STRIDED_SLICE", "PACK"} & set(names)
+    images = np.random.default_rng(0).uniform(0, 255, (3, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(TFLiteModel(flatbuffer, "old").logits(images),
+                               loaded.predict(images[..., None], verbose=0), rtol=1e-4, atol=1e-4)
