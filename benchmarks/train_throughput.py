@@ -5,19 +5,23 @@ For each norm, both run two epochs of full MNIST with the study's set-up
 --l2 5e-6, float32); the first epoch is the warm-up, the second is measured.
 kernorm runs through its real command (`python -m kernorm train`), the peer
 is `--peer` (default: shared/bench/torch_peer.py beside the repository, which
-needs PyTorch); each in its own process, one after the other. Both read the
-MNIST IDX files in `--data-dir` (default: `KERNORM_DATA_DIR`).
+needs PyTorch); each in its own process. They alternate, kernorm then PyTorch,
+`--pairs` times per norm, so that the host's drift hits both alike; each pair
+gives one ratio. Both read the MNIST IDX files in `--data-dir` (default:
+`KERNORM_DATA_DIR`).
 
-    python benchmarks/train_throughput.py [--data-dir DIR] [--norms bn,ln,gn]
+    python benchmarks/train_throughput.py [--data-dir DIR] [--norms bn,ln,gn] [--pairs 3]
 
-Prints a table of images/s and the ratio kernorm / PyTorch, and a last line
-`min_ratio=<smallest ratio over the norms>`.
+Prints one line per pair (images/s of both, their ratio kernorm / PyTorch),
+then per norm the medians, and a last line `min_ratio=<smallest median ratio
+over the norms>`.
 """
 
 import argparse
 import csv
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +59,7 @@ def main():
                         help="folder with the four MNIST IDX files (default: $KERNORM_DATA_DIR)")
     parser.add_argument("--norms", default="bn,ln,gn", help="comma-separated norms")
     parser.add_argument("--peer", default=PEER, help="the PyTorch training script (default: %(default)s)")
+    parser.add_argument("--pairs", type=int, default=3, help="alternating pairs per norm (default: %(default)s)")
     args = parser.parse_args()
     if not args.data_dir:
         sys.exit("Error: pass --data-dir DIR or set KERNORM_DATA_DIR: the PyTorch peer reads the MNIST IDX files")
@@ -67,13 +72,18 @@ def main():
     if not os.path.isfile(args.peer):
         sys.exit(f"Error: the peer script is missing: expected {args.peer}; pass --peer")
 
-    print(f"{'norm':<6}{'kernorm img/s':>15}{'PyTorch img/s':>15}{'ratio':>8}")
-    ratios = []
+    print(f"{'norm':<6}{'pair':>6}{'kernorm img/s':>15}{'PyTorch img/s':>15}{'ratio':>8}")
+    medians = {}
     for norm in args.norms.split(","):
-        ours, peer = kernorm_rate(norm, args.data_dir), peer_rate(args.peer, norm, args.data_dir)
-        ratios.append(ours / peer)
-        print(f"{norm:<6}{ours:>15,.0f}{peer:>15,.0f}{ours / peer:>8.2f}", flush=True)
-    print(f"min_ratio={min(ratios):.2f}")
+        pairs = []
+        for pair in range(1, args.pairs + 1):
+            ours, peer = kernorm_rate(norm, args.data_dir), peer_rate(args.peer, norm, args.data_dir)
+            pairs.append((ours, peer, ours / peer))
+            print(f"{norm:<6}{pair:>6}{ours:>15,.0f}{peer:>15,.0f}{ours / peer:>8.2f}", flush=True)
+        medians[norm] = [statistics.median(column) for column in zip(*pairs)]
+    for norm, (ours, peer, ratio) in medians.items():
+        print(f"{norm:<6}{'median':>6}{ours:>15,.0f}{peer:>15,.0f}{ratio:>8.2f}")
+    print(f"min_ratio={min(ratio for _, _, ratio in medians.values()):.2f}")
 
 
 if __name__ == "__main__":
