@@ -16,7 +16,7 @@ from kernorm.files import write_json
 # Lists of choices. `kernorm.norms.NORMS` and `kernorm.models.ARCHITECTURES` hold one
 # entry for each name here.
 NORMS = ("bn", "ln", "gn", "none")
-ARCHITECTURES = ("study", "compact")
+ARCHITECTURES = ("study", "compact", "small", "tiny")
 SCHEDULES = ("constant", "onecycle")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
@@ -137,6 +137,8 @@ PRESETS = {
     "study": TrainConfig(),
     "compact": TrainConfig(architecture="compact", l2=2.5e-4, epochs=15, lr=0.1, schedule="onecycle",
                            augment=True),
+    "small": TrainConfig(architecture="small", l2=1e-4, epochs=30, lr=0.1, schedule="onecycle", augment=True),
+    "tiny": TrainConfig(architecture="tiny", l2=1e-4, epochs=30, lr=0.1, schedule="onecycle", augment=True),
 }
 
 

@@ -1,4 +1,4 @@
-"""The study's 4.7k-parameter MNIST network and a compact sibling, built from kernorm's factories."""
+"""The study's 4.7k-parameter MNIST network and three smaller siblings, built from kernorm's factories."""
 
 import contextlib
 import hashlib
@@ -65,9 +65,41 @@ def _compact_layers(block):
     ]
 
 
+def _small_layers(block):
+    """Stem conv [6] -> separable block [12, 14] -> transition -> separable block [16, 16, 16] -> global avg.
+
+    The compact plan at about two thirds of its widths, every layer kept: at
+    these sizes depth and the 28×28 resolution of the first block matter more
+    than width. 1,936 trainable parameters with "bn", "ln" or "gn".
+    """
+    return [
+        conv_block([6], name="stem", **block),
+        conv_block([12, 14], separable=True, name="block1", **block),
+        trans_block(14, 14, name="transition1"),
+        conv_block([16, 16, 16], separable=True, name="block2", **block),
+        layers.GlobalAveragePooling2D(name="pool"),
+    ]
+
+
+def _tiny_layers(block):
+    """Stem conv [4] -> separable block [8, 8] -> transition -> separable block [10, 10, 10] -> global avg.
+
+    The compact plan at about a third of its widths, every layer kept.
+    982 trainable parameters with "bn", "ln" or "gn".
+    """
+    return [
+        conv_block([4], name="stem", **block),
+        conv_block([8, 8], separable=True, name="block1", **block),
+        trans_block(8, 8, name="transition1"),
+        conv_block([10, 10, 10], separable=True, name="block2", **block),
+        layers.GlobalAveragePooling2D(name="pool"),
+    ]
+
+
 # Architectures by name, one for each of `kernorm.config.ARCHITECTURES`: each maps a
 # conv_block's keyword arguments to the layers between the pixel normalization and the logits.
-ARCHITECTURES = {"study": _study_layers, "compact": _compact_layers}
+ARCHITECTURES = {"study": _study_layers, "compact": _compact_layers, "small": _small_layers,
+                 "tiny": _tiny_layers}
 
 
 def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", groups=DEFAULT_GROUPS,
@@ -85,7 +117,8 @@ def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", 
         sync_bn: "bn" synchronizes its batch statistics across the replicas of
             a `tf.distribute` strategy (see `kernorm.norms.create_norm_layer`).
         architecture: "study" (the study's 4.7k-parameter network, see
-            `_study_layers`) or "compact" (see `_compact_layers`).
+            `_study_layers`), "compact", "small" or "tiny" (see `_compact_layers`,
+            `_small_layers`, `_tiny_layers`).
 
     The layers take Keras's global dtype policy (e.g. "mixed_bfloat16"),
     except the logits layer, which always computes in float32 so that the

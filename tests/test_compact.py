@@ -40,6 +40,17 @@ def test_compact_network_keeps_the_parameter_budget(norm):
         "SeparableConv2D", NORM_KINDS[norm]] * 3
 
 
+@pytest.mark.parametrize("architecture, budget, params", [("small", 2000, 1936), ("tiny", 1000, 982)])
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_small_and_tiny_networks_keep_their_budgets(architecture, budget, params, norm):
+    model = build_model(norm, architecture=architecture)
+    assert count_trainable(model) == params <= budget
+    assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
+    # The compact plan, narrower: every layer of it, in the same order.
+    compact = build_model(norm, architecture="compact")
+    assert [layer.name for layer in model.layers] == [layer.name for layer in compact.layers]
+
+
 def test_onecycle_schedule_warms_up_peaks_and_ends_at_zero():
     config = TrainConfig(epochs=15, lr=0.1, schedule="onecycle")
     schedule = learning_rate(config, steps_per_epoch=100)
