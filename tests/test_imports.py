@@ -1,5 +1,7 @@
 """What runs without TensorFlow: the configuration, the CLI's start-up and on-device prediction."""
 
+import platform
+
 import numpy as np
 import pytest
 from helpers import run_python
@@ -55,3 +57,15 @@ def test_tensorflow_free_choices_match_the_registries():
 
     assert config.NORMS == tuple(norms.NORMS)
     assert config.ARCHITECTURES == tuple(models.ARCHITECTURES)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN is asked for on x86 only")
+@pytest.mark.parametrize("setting, expected", [(None, "True"), ("0", "False")])
+def test_importing_kernorm_first_turns_tensorflows_onednn_on_unless_told_not_to(setting, expected, monkeypatch):
+    if setting is None:
+        monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    else:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", setting)
+    lines = run_fresh("import kernorm\nfrom tensorflow.python.util import _pywrap_util_port\n"
+                      "print(_pywrap_util_port.IsMklEnabled())")
+    assert lines[0] == expected
