@@ -18,6 +18,9 @@ import statistics
 import sys
 import time
 
+import kernorm  # noqa: F401  first: it asks TensorFlow for oneDNN before TensorFlow loads
+
+# isort: split
 import keras
 import tensorflow as tf
 

@@ -11,18 +11,31 @@ feature map (its C++ ops where they build, else its XLA functions), with the
 memory bandwidth it reaches against a NumPy copy's. `--data-dir` defaults to
 `KERNORM_DATA_DIR`, else Keras's download.
 
-    python benchmarks/step_time.py [--rounds 5] [--steps 50] [--data-dir DIR]
+With `--profile`, it also records `--steps` steps of each network with
+TensorFlow's profiler and prints the share of the ops' time by kind
+(`OP_KINDS`): convolution forward and both gradients, the norm's ops,
+pooling, dense and loss, the optimizer's and the variables' ops, layout
+conversions, waiting for the input pipeline, and the rest.
+
+    python benchmarks/step_time.py [--rounds 5] [--steps 50] [--profile] [--data-dir DIR]
 """
 
 import argparse
+import collections
+import glob
 import os
 import statistics
 import sys
+import tempfile
 import time
 
+import kernorm  # noqa: F401  first: it asks TensorFlow for oneDNN before TensorFlow loads
+
+# isort: split
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from kernorm import native
 from kernorm.data import load_mnist, make_dataset
@@ -41,19 +54,74 @@ NORM_PASSES = 8
 COPY_BYTES = 64 << 20
 
 
-def step_seconds(norm, x_train, y_train, rounds, steps):
-    """Median seconds per training step of the study's network with `norm`, over `rounds` chunks."""
+# Op kinds of a training step, each by the TensorFlow op types it counts (oneDNN's versions, named
+# `_MklNative<type>`, `_Mkl<type>` or `_MklNativeFused<type>`, count as their type).
+OP_KINDS = {
+    "conv forward": ("Conv2D", "DepthwiseConv2dNative"),
+    "conv gradient, input": ("Conv2DBackpropInput", "DepthwiseConv2dNativeBackpropInput"),
+    "conv gradient, weights": ("Conv2DBackpropFilter", "DepthwiseConv2dNativeBackpropFilter"),
+    "norm forward": ("KernormNormalizeGroups",),
+    "norm gradient": ("KernormNormalizeGroupsGrad",),
+    "pooling": ("AvgPool", "AvgPoolGrad"),
+    "dense and loss": ("MatMul", "SparseSoftmaxCrossEntropyWithLogits", "BiasAdd", "BiasAddGrad"),
+    "optimizer and variables": ("ReadVariableOp", "AssignVariableOp", "AssignAddVariableOp",
+                                "AssignSubVariableOp", "ResourceApplyKerasMomentum", "Mul", "AddV2", "Sub",
+                                "AddN"),
+    "layout conversions": ("Transpose", "Reshape", "_MklToTf", "StridedSlice", "Pack"),
+    "waiting for input": ("IteratorGetNext",),
+}
+
+
+def step_runner(norm, x_train, y_train):
+    """A function that runs `n` compiled training steps of the study's network with `norm`, warmed up."""
     model = build_model(norm, l2=5e-6)
     optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
     train_steps, _ = make_steps(model, optimizer, tf.distribute.get_strategy())
     iterator = iter(make_dataset(x_train, y_train, BATCH, seed=1).repeat())
-    train_steps(iterator, tf.constant(steps))  # trace, compile and warm up
+    train_steps(iterator, tf.constant(5))  # trace, compile and warm up
+    return lambda n: train_steps(iterator, tf.constant(n))
+
+
+def step_seconds(run_steps, rounds, steps):
+    """Median seconds per training step over `rounds` chunks of `steps` steps."""
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        train_steps(iterator, tf.constant(steps))
+        run_steps(steps)
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times)
+
+
+def op_kind(op_type):
+    """The `OP_KINDS` key of a TensorFlow op type, or "other"."""
+    for prefix in ("_MklNativeFused", "_MklNative", "_MklFused", "_Mkl"):
+        op_type = op_type.removeprefix(prefix)
+    return next((kind for kind, types in OP_KINDS.items() if op_type in types), "other")
+
+
+def op_kind_ms(run_steps, steps):
+    """Milliseconds per step of each op kind, summed over TensorFlow's compute threads, for `steps` profiled steps.
+
+    The profiler's events on the `tf_Compute` threads are named "<op name>:<op type>"; the executor's
+    own events ("ExecutorState::Process") enclose them and are not counted.
+    """
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        run_steps(steps)
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0], "rb") as f:
+            space.ParseFromString(f.read())
+    totals = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if ":" in name and not name.startswith("ExecutorState::"):
+                    totals[op_kind(name.rsplit(":", 1)[1])] += event.duration_ps / 1e9 / steps
+    return totals
 
 
 def ms_per_call(function):
@@ -102,6 +170,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed chunks of each network")
     parser.add_argument("--steps", type=int, default=50, help="training steps per chunk")
+    parser.add_argument("--profile", action="store_true", help="also print the share of each op kind")
     parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR"),
                         help="folder with the four MNIST IDX files (default: $KERNORM_DATA_DIR, else Keras's download)")
     args = parser.parse_args()
@@ -113,9 +182,21 @@ def main():
         sys.exit(f"Error: {e}")
 
     print(f"{'norm':<6}{'ms/step':>9}{'img/s':>8}")
+    profiles = {}
     for norm in ("none", "bn", "ln", "gn"):
-        step = step_seconds(norm, x_train, y_train, args.rounds, args.steps)
+        run_steps = step_runner(norm, x_train, y_train)
+        step = step_seconds(run_steps, args.rounds, args.steps)
         print(f"{norm:<6}{step * 1000:>9.1f}{BATCH / step:>8,.0f}", flush=True)
+        if args.profile:
+            profiles[norm] = op_kind_ms(run_steps, args.steps)
+    if profiles:
+        print("\nop time by kind, ms per step summed over the compute threads (share of all ops' time)")
+        print("| kind | " + " | ".join(profiles) + " |")
+        print("|---" * (len(profiles) + 1) + "|")
+        for kind in [*OP_KINDS, "other"]:
+            print(f"| {kind} | " + " | ".join(f"{ms[kind]:.2f} ({100 * ms[kind] / sum(ms.values()):.0f} %)"
+                                            for ms in profiles.values()) + " |")
+        print("| all ops | " + " | ".join(f"{sum(ms.values()):.2f}" for ms in profiles.values()) + " |")
 
     for data_format in ("NHWC", "NCHW"):
         print(f"conv 3x3 10->10 at 26x26, batch {BATCH}, forward + gradients, {data_format}: "

@@ -3,6 +3,8 @@ import pathlib
 
 import pytest
 
+import kernorm  # noqa: F401  before any test imports TensorFlow: it asks TensorFlow for oneDNN, as users get it
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 pytest.register_assert_rewrite("helpers")  # the shared helpers' asserts explain their failures as tests' do
 

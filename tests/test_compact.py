@@ -141,7 +141,8 @@ def test_unknown_architecture_is_one_clear_line(tmp_path, data_dir):
     result = CliRunner().invoke(main, ["train", "--architecture", "huge", "--limit", "64", "--data-dir", data_dir,
                                        "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
-    assert "Invalid value for '--architecture': 'huge' is not one of 'study', 'compact', 'small', 'tiny'." in result.output
+    assert ("Invalid value for '--architecture': 'huge' is not one of 'study', 'compact', 'small', 'tiny'."
+            in result.output)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"architecture": "huge"}))
     result = CliRunner().invoke(main, ["train", "--config", str(config), "--limit", "64", "--data-dir", data_dir,
