@@ -43,63 +43,45 @@ def _study_layers(block):
     ]
 
 
-def _compact_layers(block):
-    """Stem conv [8] -> separable block [16, 24] -> transition -> separable block [24, 32, 32] -> global avg.
+def _separable_layers(stem, block1, block2):
+    """Stem conv [stem] -> separable block `block1` -> transition -> separable block `block2` -> global avg.
 
     The study's plan with its parameters moved. A depthwise-separable 3×3
     conv (a 3×3 filter per input channel, then a 1×1 conv across channels)
     costs about a ninth of a full one at these widths, so the same budget
     buys three times the channels; only the stem, which sees one input
     channel, is a full conv. A global average replaces the study's second
-    pool and flatten, so the dense layer costs 330 parameters instead of
-    910. Every conv is 3×3 "valid", followed by ReLU and the norm; the
-    receptive field (20×20) covers the digit.
-    4,490 trainable parameters with "bn", "ln" or "gn".
+    pool and flatten, so the dense layer costs 11 parameters per channel of
+    the last conv. Every conv is 3×3 "valid", followed by ReLU and the norm;
+    with two convs in `block1` and three in `block2` the receptive field
+    (20×20) covers the digit.
+
+    Returns:
+        A function of a conv_block's keyword arguments to the layers, as `ARCHITECTURES` holds them.
     """
-    return [
-        conv_block([8], name="stem", **block),
-        conv_block([16, 24], separable=True, name="block1", **block),
-        trans_block(24, 24, name="transition1"),
-        conv_block([24, 32, 32], separable=True, name="block2", **block),
-        layers.GlobalAveragePooling2D(name="pool"),
-    ]
+    def layers_of(block):
+        return [
+            conv_block([stem], name="stem", **block),
+            conv_block(block1, separable=True, name="block1", **block),
+            trans_block(block1[-1], block1[-1], name="transition1"),
+            conv_block(block2, separable=True, name="block2", **block),
+            layers.GlobalAveragePooling2D(name="pool"),
+        ]
 
-
-def _small_layers(block):
-    """Stem conv [6] -> separable block [12, 14] -> transition -> separable block [16, 16, 16] -> global avg.
-
-    The compact plan at about two thirds of its widths, every layer kept: at
-    these sizes depth and the 28×28 resolution of the first block matter more
-    than width. 1,936 trainable parameters with "bn", "ln" or "gn".
-    """
-    return [
-        conv_block([6], name="stem", **block),
-        conv_block([12, 14], separable=True, name="block1", **block),
-        trans_block(14, 14, name="transition1"),
-        conv_block([16, 16, 16], separable=True, name="block2", **block),
-        layers.GlobalAveragePooling2D(name="pool"),
-    ]
-
-
-def _tiny_layers(block):
-    """Stem conv [4] -> separable block [8, 8] -> transition -> separable block [10, 10, 10] -> global avg.
-
-    The compact plan at about a third of its widths, every layer kept.
-    982 trainable parameters with "bn", "ln" or "gn".
-    """
-    return [
-        conv_block([4], name="stem", **block),
-        conv_block([8, 8], separable=True, name="block1", **block),
-        trans_block(8, 8, name="transition1"),
-        conv_block([10, 10, 10], separable=True, name="block2", **block),
-        layers.GlobalAveragePooling2D(name="pool"),
-    ]
+    return layers_of
 
 
 # Architectures by name, one for each of `kernorm.config.ARCHITECTURES`: each maps a
 # conv_block's keyword arguments to the layers between the pixel normalization and the logits.
-ARCHITECTURES = {"study": _study_layers, "compact": _compact_layers, "small": _small_layers,
-                 "tiny": _tiny_layers}
+# Trainable parameters with "bn", "ln" or "gn": study 4,700, compact 4,490, small 1,936, tiny 982.
+ARCHITECTURES = {
+    "study": _study_layers,
+    "compact": _separable_layers(8, [16, 24], [24, 32, 32]),
+    # The compact plan at about two thirds and a third of its widths, every layer kept: at these sizes
+    # depth and the resolution of the first block matter more than width.
+    "small": _separable_layers(6, [12, 14], [16, 16, 16]),
+    "tiny": _separable_layers(4, [8, 8], [10, 10, 10]),
+}
 
 
 def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", groups=DEFAULT_GROUPS,
@@ -117,8 +99,8 @@ def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", 
         sync_bn: "bn" synchronizes its batch statistics across the replicas of
             a `tf.distribute` strategy (see `kernorm.norms.create_norm_layer`).
         architecture: "study" (the study's 4.7k-parameter network, see
-            `_study_layers`), "compact", "small" or "tiny" (see `_compact_layers`,
-            `_small_layers`, `_tiny_layers`).
+            `_study_layers`), "compact", "small" or "tiny" (depthwise-separable,
+            see `_separable_layers`).
 
     The layers take Keras's global dtype policy (e.g. "mixed_bfloat16"),
     except the logits layer, which always computes in float32 so that the
