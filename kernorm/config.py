@@ -137,8 +137,6 @@ PRESETS = {
     "study": TrainConfig(),
     "compact": TrainConfig(architecture="compact", l2=2.5e-4, epochs=15, lr=0.1, schedule="onecycle",
                            augment=True),
-    "small": TrainConfig(architecture="small", l2=1e-4, epochs=30, lr=0.1, schedule="onecycle", augment=True),
-    "tiny": TrainConfig(architecture="tiny", l2=1e-4, epochs=30, lr=0.1, schedule="onecycle", augment=True),
 }
 
 
