@@ -196,6 +196,7 @@ def _axis(name, item_type, what):
 @_axis("l2", click.FloatRange(min=0), "L2 coefficients")
 @_axis("dropout", click.FloatRange(0, 1, max_open=True), "dropout rates")
 @_axis("lr", click.FloatRange(min=0, min_open=True), "learning rates")
+@_axis("precision", click.Choice(PRECISIONS), "dtype policies")
 @click.option("--seeds", type=click.IntRange(min=1), default=SweepConfig.seeds, show_default=True,
               help="Seeds per cell: 1 to N.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs of every run [default: the preset's].")

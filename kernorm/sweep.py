@@ -45,8 +45,8 @@ def parse_shard(text):
 
 def cell_name(preset, config):
     """A cell's folder name from its preset and what it trains:
-    `[<preset>-][<architecture>-]<norm>[-g<groups>][-l1_X][-l2_X][-dropout_X][-lr_X]`, naming the
-    preset unless it is the study's, and the architecture, groups and lr where they differ from it."""
+    `[<preset>-][<architecture>-]<norm>[-g<groups>][-l1_X][-l2_X][-dropout_X][-lr_X][-<precision>]`, naming
+    the preset unless it is the study's, and the architecture, groups, lr and precision where they differ from it."""
     parts = [] if preset == "study" else [preset]
     if config.architecture != PRESETS[preset].architecture:
         parts.append(config.architecture)
@@ -57,6 +57,8 @@ def cell_name(preset, config):
               if value]
     if config.lr != PRESETS[preset].lr:
         parts.append(f"lr_{config.lr:g}")
+    if config.precision != PRESETS[preset].precision:
+        parts.append(config.precision)
     return "-".join(parts)
 
 

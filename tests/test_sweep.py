@@ -36,6 +36,12 @@ def test_a_compact_cell_keeps_its_preset_and_names_it(tmp_path):
         "compact", 4, 15, 0.1, True)
 
 
+def test_a_precision_cell_trains_in_that_dtype_policy_and_names_it(tmp_path):
+    cells = sweep.cells_of(SweepConfig(grid={"precision": ["float32", "mixed_bfloat16"]}, out=str(tmp_path)))
+    assert [cell.name for cell in cells] == ["bn", "bn-mixed_bfloat16"]
+    assert [cell.runs[0].precision for cell in cells] == ["float32", "mixed_bfloat16"]
+
+
 def test_two_combinations_that_train_the_same_run_are_refused():
     with pytest.raises(KernormError, match="the grid makes the cell ln twice"):
         sweep.cells_of(SweepConfig(grid={"norm": ["ln"], "groups": [1, 4]}))  # LN has one group whatever is asked
