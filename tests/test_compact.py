@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from helpers import read_json
 
 from kernorm.cli import main
-from kernorm.config import TrainConfig
+from kernorm.config import PRESETS, TrainConfig
 from kernorm.data import make_dataset
 from kernorm.models import build_model, count_trainable, load_model
 from kernorm.steps import learning_rate
@@ -49,6 +49,15 @@ def test_small_and_tiny_networks_keep_their_budgets(architecture, budget, params
     # The compact plan, narrower: every layer of it, in the same order.
     compact = build_model(norm, architecture="compact")
     assert [layer.name for layer in model.layers] == [layer.name for layer in compact.layers]
+
+
+@pytest.mark.parametrize("preset, budget", [("small", 2000), ("tiny", 1000)])
+def test_small_and_tiny_presets_train_their_network_with_the_compact_recipe_for_30_epochs(preset, budget):
+    config, compact = PRESETS[preset], PRESETS["compact"]
+    assert (config.architecture, config.epochs) == (preset, 30)
+    assert (config.schedule, config.lr, config.augment, config.batch_size) == (
+        compact.schedule, compact.lr, compact.augment, compact.batch_size)
+    assert count_trainable(build_model(**config.network())) <= budget
 
 
 def test_onecycle_schedule_warms_up_peaks_and_ends_at_zero():
