@@ -189,7 +189,10 @@ def check(flatbuffer, x_test, y_test, name="model", verbose=False):
     (`TFLiteModel(..., reference=True)`), the plain C++ TFLM's kernels derive
     from: LiteRT's optimized kernels and XNNPACK delegate round int8
     arithmetic their own ways, so their classes may differ from both on a few
-    images. The model passes when TFLM's accuracy equals LiteRT's.
+    images. Even the two reference kernel sets requantize an int8 output by
+    one step apart now and then, which flips a class where its two best
+    logits are that close. The model passes when every image TFLM classifies
+    otherwise than LiteRT is such a tie (`near_ties`).
 
     Args:
         flatbuffer: the `.tflite` bytes.
@@ -211,17 +214,21 @@ def check(flatbuffer, x_test, y_test, name="model", verbose=False):
         return {"passed": False, "failure": f"TFLM cannot run it ({error})"}
     count = f"{len(x_test):,} test images"
     bar = progress_bar(len(x_test), f"{name}: TFLM on {count}", verbose, unit_name="image")
-    pred = in_chunks(MicroModel(flatbuffer, name).logits, x_test, bar).argmax(-1)
+    logits = in_chunks(MicroModel(flatbuffer, name).logits, x_test, bar)
     bar = progress_bar(len(x_test), f"{name}: LiteRT's reference kernels on {count}", verbose, unit_name="image")
-    litert_pred = in_chunks(TFLiteModel(flatbuffer, name, reference=True).logits, x_test, bar).argmax(-1)
+    litert = TFLiteModel(flatbuffer, name, reference=True)
+    litert_logits = in_chunks(litert.logits, x_test, bar)
+    pred, litert_pred = logits.argmax(-1), litert_logits.argmax(-1)
     acc, litert_acc = float((pred == y_test).mean()), float((litert_pred == y_test).mean())
-    failure = f"{100 * acc:.2f} % under TFLM, {100 * litert_acc:.2f} % under LiteRT's reference kernels"
+    apart = int(np.sum(~near_ties(logits, litert_logits, litert.output_details["quantization"][0])))
+    failure = (f"{100 * acc:.2f} % under TFLM, {100 * litert_acc:.2f} % under LiteRT's reference kernels, "
+               f"{apart} image(s) classified otherwise beyond a one-step tie")
     bar = progress_bar(ARENA_TRIES, f"{name}: TFLM's smallest arena, {ARENA_TRIES} tries", verbose, unit_name="try")
     arena = smallest_arena(flatbuffer, bar)
     ops = graph_ops(flatbuffer)
     return {
-        "passed": acc == litert_acc,
-        "failure": None if acc == litert_acc else failure,
+        "passed": apart == 0,
+        "failure": None if apart == 0 else failure,
         "acc": acc,
         "litert_acc": litert_acc,
         "agreement": float((pred == litert_pred).mean()),
@@ -231,6 +238,17 @@ def check(flatbuffer, x_test, y_test, name="model", verbose=False):
         "ops": dict(collections.Counter(op["name"] for op in ops)),
         "macs": count_macs(ops),
     }
+
+
+def near_ties(logits, other, step):
+    """Per image, whether two interpreters' logits `(N, classes)` pick the same class, or classes whose
+    logits lie at most `step` (the output's quantization step; 0 for a float output) apart in both."""
+    rows = np.arange(len(logits))
+    chosen, other_chosen = logits.argmax(-1), other.argmax(-1)
+    margin = step * (1 + 1e-3)  # the float logits are integers times `step`, up to float rounding
+    return ((chosen == other_chosen)
+            | (np.abs(logits[rows, chosen] - logits[rows, other_chosen]) <= margin)
+            & (np.abs(other[rows, chosen] - other[rows, other_chosen]) <= margin))
 
 
 def resolver_method(op):
