@@ -246,9 +246,8 @@ def near_ties(logits, other, step):
     rows = np.arange(len(logits))
     chosen, other_chosen = logits.argmax(-1), other.argmax(-1)
     margin = step * (1 + 1e-3)  # the float logits are integers times `step`, up to float rounding
-    return ((chosen == other_chosen)
-            | (np.abs(logits[rows, chosen] - logits[rows, other_chosen]) <= margin)
-            & (np.abs(other[rows, chosen] - other[rows, other_chosen]) <= margin))
+    return (chosen == other_chosen) | ((np.abs(logits[rows, chosen] - logits[rows, other_chosen]) <= margin)
+                                       & (np.abs(other[rows, chosen] - other[rows, other_chosen]) <= margin))
 
 
 def resolver_method(op):
