@@ -118,6 +118,8 @@ def _device_list(ctx, param, value):
 @click.option("--batch-size", type=click.IntRange(min=1), default=_DEFAULTS.batch_size, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_DEFAULTS.lr, show_default=True)
 @click.option("--momentum", type=click.FloatRange(0, 1), default=_DEFAULTS.momentum, show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=_DEFAULTS.label_smoothing,
+              show_default=True, help="Train on targets smoothed by this much towards uniform.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=_DEFAULTS.schedule, show_default=True,
               help="Learning rate: constant, or one-cycle (warm-up to --lr, cosine down to 0).")
 @click.option("--augment/--no-augment", default=_DEFAULTS.augment, show_default=True,
@@ -196,6 +198,8 @@ def _axis(name, item_type, what):
 @_axis("l2", click.FloatRange(min=0), "L2 coefficients")
 @_axis("dropout", click.FloatRange(0, 1, max_open=True), "dropout rates")
 @_axis("lr", click.FloatRange(min=0, min_open=True), "learning rates")
+@_axis("batch-size", click.IntRange(min=1), "batch sizes")
+@_axis("label-smoothing", click.FloatRange(0, 1, max_open=True), "label smoothings")
 @_axis("precision", click.Choice(PRECISIONS), "dtype policies")
 @click.option("--seeds", type=click.IntRange(min=1), default=SweepConfig.seeds, show_default=True,
               help="Seeds per cell: 1 to N.")

@@ -47,6 +47,8 @@ class TrainConfig:
     the model never holds it. `validation` holds out the last N of the training
     images (after `limit`), never trained on: each epoch is then evaluated on
     them too, and the epoch is chosen by them, never by a test figure.
+    `label_smoothing` trains on targets of 1 − ε + ε/10 for the true class and
+    ε/10 for the others (ε = label_smoothing); evaluation losses stay plain.
     """
 
     architecture: str = "study"
@@ -60,6 +62,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.01
     momentum: float = 0.9
+    label_smoothing: float = 0.0
     schedule: str = "constant"
     augment: bool = False
     seed: int = 1
@@ -241,7 +244,7 @@ class ReproduceConfig:
 # The `TrainConfig` fields a sweep's grid may vary, besides the preset it starts from, and
 # the types their values take (a dropout may also be null: none).
 SWEEP_AXES = {"architecture": str, "norm": str, "groups": int, "l1": float, "l2": float, "dropout": float,
-              "lr": float, "precision": str}
+              "lr": float, "batch_size": int, "label_smoothing": float, "precision": str}
 
 
 def read_grid(path):

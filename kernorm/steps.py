@@ -68,8 +68,22 @@ def _sums(per_example_loss, logits, labels):
                      tf.cast(tf.size(labels), tf.float32)])
 
 
-def make_steps(model, optimizer, strategy):
+def _training_loss(labels, logits, label_smoothing):
+    """Per-image cross-entropy against targets smoothed by `label_smoothing` (plain when it is 0)."""
+    if not label_smoothing:
+        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    return keras.losses.categorical_crossentropy(tf.one_hot(labels, tf.shape(logits)[-1]), logits, from_logits=True,
+                                                 label_smoothing=label_smoothing)
+
+
+def make_steps(model, optimizer, strategy, label_smoothing=0.0):
     """The compiled training and evaluation graphs for `model`.
+
+    Args:
+        model, optimizer: what is trained, and how.
+        strategy: the `tf.distribute` strategy the steps run under.
+        label_smoothing: the training loss's targets are 1 − ε + ε/C for the true
+            class and ε/C for the others (C classes); evaluation stays plain.
 
     Returns:
         `(train, evaluate)`: each takes a (distributed) dataset iterator and a
@@ -85,7 +99,7 @@ def make_steps(model, optimizer, strategy):
             tf.distribute.ReduceOp.SUM, tf.shape(labels)[0])
         with tf.GradientTape() as tape:
             logits = model(images, training=True)  # float32 under any precision: see build_model
-            per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            per_example = _training_loss(labels, logits, label_smoothing)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             if model.losses:  # the kernel regularizers' l1·Σ|w| + l2·Σw²
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))

@@ -125,7 +125,7 @@ def _set_up(config, plan, train_data):
         if config.precision == "mixed_float16":  # float16 gradients underflow without loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
-        train_steps, evaluate = make_steps(model, optimizer, strategy)
+        train_steps, evaluate = make_steps(model, optimizer, strategy, config.label_smoothing)
     with dtype_policy("float32"):
         saved_model = build_model(**config.network())
     return _Setup(strategy, train_data, model, saved_model, optimizer, train_steps, evaluate, steps_per_epoch)
