@@ -185,3 +185,12 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path, data_dir):
         "Error: 1 run(s) failed; the report holds the finished ones; first: none-lr_1000-seed1: training diverged")
     assert read_json(out, "results.json")["cells"]["none"]["n"] == 1
     assert read_json(out, "results.json")["cells"]["none-lr_1000"]["n"] == 0
+
+
+def test_batch_size_and_label_smoothing_cells_train_them_and_name_them(tmp_path):
+    cells = sweep.cells_of(SweepConfig(grid={"preset": ["tiny"], "batch_size": [128, 64],
+                                             "label_smoothing": [0, 0.1]}, out=str(tmp_path)))
+    assert [cell.name for cell in cells] == ["tiny-bn-l2_0.0001", "tiny-bn-l2_0.0001-ls_0.1",
+                                             "tiny-bn-l2_0.0001-batch_64", "tiny-bn-l2_0.0001-batch_64-ls_0.1"]
+    assert [(cell.runs[0].batch_size, cell.runs[0].label_smoothing) for cell in cells] == [
+        (128, 0), (128, 0.1), (64, 0), (64, 0.1)]

@@ -1,12 +1,17 @@
 import os
 
+import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
 from helpers import FINISHED_RUN, kernorm_command, read_json, run
 
 from kernorm.cli import main
 from kernorm.config import TrainConfig
+from kernorm.models import build_model
 from kernorm.rundir import read_history
+from kernorm.steps import make_steps
 from kernorm.train import train
 
 
@@ -157,3 +162,19 @@ def test_train_into_a_pipe_prints_one_plain_line_per_epoch(tmp_path, data_dir):
     epochs = [line for line in result.stdout.splitlines() if line.startswith("Epoch ")]
     assert [line.split(" - ")[0] for line in epochs] == ["Epoch 1/2", "Epoch 2/2"]
     assert all(" - test_acc " in line for line in epochs)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_the_training_loss_is_cross_entropy_against_smoothed_targets(smoothing):
+    images = np.random.default_rng(0).uniform(0, 255, (8, 28, 28, 1)).astype(np.float32)
+    labels = np.arange(8, dtype=np.int32)
+    model = build_model(norm="none", architecture="tiny")
+    optimizer = keras.optimizers.SGD(learning_rate=0.0)  # the weights stay those the expected loss is taken at
+    optimizer.build(model.trainable_variables)
+    train_steps, _ = make_steps(model, optimizer, tf.distribute.get_strategy(), label_smoothing=smoothing)
+    loss_sum, _, count = train_steps(iter(tf.data.Dataset.from_tensors((images, labels))), tf.constant(1)).numpy()
+
+    log_probs = tf.nn.log_softmax(model(images)).numpy()
+    targets = np.full((8, 10), smoothing / 10) + (1 - smoothing) * np.eye(10)[labels]
+    assert count == 8
+    np.testing.assert_allclose(loss_sum, -(targets * log_probs).sum(), rtol=1e-5)
