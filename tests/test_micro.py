@@ -56,7 +56,10 @@ def test_micro_export_writes_the_model_its_sources_and_figures(micro_exported):
     figures = read_json(export_dir, "export.json")["models"]["int8"]
     tflm = figures["micro"]
     assert figures["passed"] and tflm["passed"] and tflm["failure"] is None
-    assert tflm["acc"] == tflm["litert_acc"] and tflm["agreement"] >= 0.999
+    # Only one-step ties may classify differently (kernorm.micro.near_ties), so the accuracies differ by at
+    # most the images the two interpreters disagree on.
+    assert tflm["agreement"] >= 0.999
+    assert abs(tflm["acc"] - tflm["litert_acc"]) <= 1 - tflm["agreement"] + 1e-9
     assert tflm["flash_bytes"] == figures["size_bytes"]
     assert tflm["arena_bytes"] == tflm["arena_measured_bytes"] + 16
     ops, _ = graph_stats(os.path.join(export_dir, "model_int8.tflite"))
