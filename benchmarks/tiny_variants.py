@@ -25,11 +25,12 @@ import statistics
 import subprocess
 import sys
 
-# name -> what it changes: "layout" (stem, block1, block2), "scale" (the norms' γ), "activation" (a Keras
-# activation in place of the ReLU), "pool" ("max"), "average_from" (the first epoch whose end weights are
-# averaged; BN's statistics are then recollected), "precise_bn" (BN's statistics recollected over the
-# training images after the last epoch), "augment_probability", "rotation" (degrees), "optimizer" ("adam"
-# in place of SGD with momentum) and "lr" (its peak learning rate).
+# name -> what it changes: "layout" (stem, block1, block2), "full" (full convs between stem and block1),
+# "scale" (the norms' γ), "activation" (a Keras activation in place of the ReLU), "pool" ("max"),
+# "average_from" (the first epoch whose end weights are averaged; BN's statistics are then recollected),
+# "precise_bn" (BN's statistics recollected over the training images after the last epoch),
+# "augment_probability", "rotation" (degrees), "optimizer" ("adam" in place of SGD with momentum) and "lr"
+# (its peak learning rate).
 VARIANTS = {
     "preset": {},
     "no-scale": dict(scale=False),
@@ -38,6 +39,7 @@ VARIANTS = {
     "deeper-early": dict(layout=(4, [8, 8, 8], [10, 10])),
     "wider-late": dict(layout=(4, [6, 8], [10, 11, 11])),
     "deeper-late": dict(layout=(4, [6], [10, 10, 10, 10])),
+    "full-early": dict(layout=(4, [8], [10, 10, 10]), full=[4]),
     "max-pool": dict(pool="max"),
     "average-21": dict(average_from=21),
     "precise-bn": dict(precise_bn=True),
@@ -63,13 +65,17 @@ def _apply(changes):
     import tensorflow as tf
 
     from kernorm import data, models, norms, train
+    from kernorm.layers import conv_block
 
     layout = changes.get("layout", (4, [8, 8], [10, 10, 10]))
 
     def tiny_layers(block):
-        stack = models._separable_layers(*layout)(dict(block, activation=changes.get("activation", "relu")))
+        block = dict(block, activation=changes.get("activation", "relu"))
+        stack = models._separable_layers(*layout)(block)
         if changes.get("pool") == "max":  # the transition: [conv_block stem, block1, transition, ...]
             stack[2] = keras.layers.MaxPooling2D(2, name="transition1")
+        if "full" in changes:
+            stack.insert(1, conv_block(changes["full"], name="full", **block))
         return stack
 
     models.ARCHITECTURES["tiny"] = tiny_layers
