@@ -158,7 +158,11 @@ def main():
     child = [sys.executable, os.path.abspath(__file__), "--one", "--out", args.out] + (
         ["--data-dir", args.data_dir] if args.data_dir else [])
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda run: subprocess.run(child + [run[0], "--seeds", str(run[1])], check=True), pending))
+        codes = list(pool.map(lambda run: subprocess.run(child + [run[0], "--seeds", str(run[1])]).returncode,
+                              pending))
+    failed = [f"{variant}-seed{seed}" for (variant, seed), code in zip(pending, codes) if code]
+    if failed:
+        sys.exit(f"run(s) {', '.join(failed)} failed (their errors are above); run the command again to resume them")
 
     print("| variant | params | " + " | ".join(f"seed {s} val acc % (loss)" for s in seeds) + " | mean val acc % |")
     print("|---|---|" + "---|" * (len(seeds) + 1))
