@@ -124,6 +124,8 @@ def _device_list(ctx, param, value):
               help="Learning rate: constant, or one-cycle (warm-up to --lr, cosine down to 0).")
 @click.option("--augment/--no-augment", default=_DEFAULTS.augment, show_default=True,
               help="Rotate and shift training images at random (never test images, never the model).")
+@click.option("--zoom", type=click.FloatRange(0, 1, max_open=True), default=_DEFAULTS.zoom, show_default=True,
+              help="With --augment, also scale training images by up to 1 ± this fraction.")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @_data_dir("the folder the run folder recorded, when it resumes")
 @_LIMIT

@@ -43,9 +43,10 @@ class TrainConfig:
     holds other recipes. `batch_size` is the global batch: each step splits it
     over the strategy's replicas. With `schedule="onecycle"`, `lr` is the peak
     learning rate (see `kernorm.steps.learning_rate`). `augment` rotates and
-    shifts the training images in the input pipeline (`kernorm.data.augment`);
-    the model never holds it. `validation` holds out the last N of the training
-    images (after `limit`), never trained on: each epoch is then evaluated on
+    shifts the training images in the input pipeline (`kernorm.data.augment`),
+    and with `zoom` also scales them by up to 1 ± zoom; the model never holds
+    it. `validation` holds out the last N of the training images (after
+    `limit`), never trained on: each epoch is then evaluated on
     them too, and the epoch is chosen by them, never by a test figure.
     `label_smoothing` trains on targets of 1 − ε + ε/10 for the true class and
     ε/10 for the others (ε = label_smoothing); evaluation losses stay plain.
@@ -65,6 +66,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     schedule: str = "constant"
     augment: bool = False
+    zoom: float = 0.0
     seed: int = 1
     data_dir: str | None = None
     limit: int | None = None
@@ -87,6 +89,10 @@ class TrainConfig:
                                      ("strategy", self.strategy, STRATEGIES),
                                      ("dropout placement", self.dropout_layers, DROPOUT_LAYERS)):
             check_choice(what, value, choices)
+        if not 0 <= self.zoom < 1:
+            raise KernormError(f"zoom {self.zoom:g}: choose a fraction from 0 up to (not including) 1")
+        if self.zoom and not self.augment:
+            raise KernormError(f"zoom {self.zoom:g} scales the augmented images: add --augment or leave --zoom out")
         return self
 
     def network(self):

@@ -140,16 +140,17 @@ def _download(recorded):
                            f"{DATA_DIR_ENV}) with the four MNIST IDX files") from None
 
 
-# Training-time augmentation: small rotations and shifts, as handwriting varies.
+# Training-time augmentation: small rotations and shifts, as handwriting varies (and scalings, with a zoom).
 MAX_ROTATION_DEGREES = 7.0
 MAX_SHIFT_PIXELS = 1.0
 
 
-def augment(images, seed):
-    """Rotates and shifts each image of a batch by its own random amount.
+def augment(images, seed, zoom=0.0):
+    """Rotates and shifts (and with `zoom`, scales) each image of a batch by its own random amount.
 
     Each image is turned by an angle drawn uniformly from ±`MAX_ROTATION_DEGREES`
-    about its centre and moved by up to ±`MAX_SHIFT_PIXELS` along each axis.
+    about its centre, scaled about its centre by a factor drawn uniformly from
+    1 ± `zoom`, and moved by up to ±`MAX_SHIFT_PIXELS` along each axis.
     Each output pixel copies its nearest input pixel (0, the background of
     raw MNIST, from outside the image): bilinear interpolation would blur
     every image it moves by a fraction of a pixel, and the test images are
@@ -159,6 +160,8 @@ def augment(images, seed):
     Args:
         images: float32 `(batch, H, W, 1)` raw pixels.
         seed: int64 tensor of shape `(2,)`.
+        zoom: the largest change of scale, a fraction in [0, 1); 0 scales no
+            image, and draws the rotations and shifts it always did.
 
     Returns:
         The transformed batch, same shape and dtype.
@@ -168,10 +171,14 @@ def augment(images, seed):
     angle = tf.random.stateless_uniform([n], rotation_seed, -1.0, 1.0) * (MAX_ROTATION_DEGREES * math.pi / 180)
     shift = tf.random.stateless_uniform([n, 2], shift_seed, -MAX_SHIFT_PIXELS, MAX_SHIFT_PIXELS)
     cos, sin = tf.cos(angle), tf.sin(angle)
+    if zoom:  # its own stream, folded from the seed, so the rotation and shift streams stay as they were
+        scale_seed = tf.random.experimental.stateless_fold_in(seed, 1)
+        inverse = 1 / tf.random.stateless_uniform([n], scale_seed, 1 - zoom, 1 + zoom)
+        cos, sin = cos * inverse, sin * inverse  # an image s times larger reads its input at 1/s the distance
     cx = (tf.cast(tf.shape(images)[2], tf.float32) - 1) / 2
     cy = (tf.cast(tf.shape(images)[1], tf.float32) - 1) / 2
     # affine_transform maps each output pixel (x, y) to the input pixel it reads:
-    # x_in = cos·x − sin·y + a2, y_in = sin·x + cos·y + b2, a rotation about the centre less the shift.
+    # x_in = cos·x − sin·y + a2, y_in = sin·x + cos·y + b2, a rotation (and scaling) about the centre less the shift.
     a2 = cx - cos * cx + sin * cy - shift[:, 0]
     b2 = cy - sin * cx - cos * cy - shift[:, 1]
     zeros = tf.zeros_like(angle)
@@ -213,7 +220,7 @@ def epoch_seeds(seed, epoch):
     return int(shuffle_seed), int(augment_key)
 
 
-def make_dataset(images, labels, batch_size, seed=None, epoch=1, augment_images=False):
+def make_dataset(images, labels, batch_size, seed=None, epoch=1, augment_images=False, zoom=0.0):
     """A tf.data pipeline of `(images, labels)` batches for training or evaluation.
 
     Args:
@@ -225,6 +232,7 @@ def make_dataset(images, labels, batch_size, seed=None, epoch=1, augment_images=
         epoch: the epoch this pipeline serves, from 1.
         augment_images: rotate and shift every image at random (see `augment`),
             from the epoch's augmentation key and the batch's index; needs a `seed`.
+        zoom: with `augment_images`, also scale each image by up to 1 ± `zoom`.
 
     Returns:
         A `tf.data.Dataset` of float32 `(batch, 28, 28, 1)` raw pixels and int32 labels.
@@ -238,6 +246,6 @@ def make_dataset(images, labels, batch_size, seed=None, epoch=1, augment_images=
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     if augment_images:
         ds = ds.enumerate().map(
-            lambda i, batch: (augment(batch[0], tf.stack([tf.constant(augment_key, tf.int64), i])), batch[1]),
+            lambda i, batch: (augment(batch[0], tf.stack([tf.constant(augment_key, tf.int64), i]), zoom), batch[1]),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)

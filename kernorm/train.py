@@ -263,7 +263,7 @@ def _train_epoch(config, setup, backup, epoch, every, show_bar, history):
     # Zero, unless this epoch resumes from a backup taken within it.
     done, totals = int(backup.step), tf.convert_to_tensor(backup.totals)
     dataset = make_dataset(*setup.train_data, config.batch_size, seed=config.seed, epoch=epoch,
-                           augment_images=config.augment).skip(done)
+                           augment_images=config.augment, zoom=config.zoom).skip(done)
     iterator = iter(_distribute(setup.strategy, dataset))
     bar = progress_bar(setup.steps_per_epoch, f"Epoch {epoch}/{config.epochs}", show_bar,
                        stateful_metrics=["loss", "acc"])

@@ -6,12 +6,14 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
 from helpers import read_json
 
 from kernorm.cli import main
 from kernorm.config import PRESETS, TrainConfig
-from kernorm.data import make_dataset
+from kernorm.data import augment, make_dataset
+from kernorm.errors import KernormError
 from kernorm.models import build_model, count_trainable, load_model
 from kernorm.steps import learning_rate
 
@@ -97,6 +99,28 @@ def test_augmentation_is_seeded_and_keeps_labels(mnist):
     for m, p in zip(moved, plain):
         assert set(np.unique(m)) <= set(np.unique(p)) | {0.0}
     assert not np.array_equal(first_batch(4, False)[0], other)
+
+
+def test_zoom_scales_each_image_and_leaves_the_rotations_and_shifts_as_they_were():
+    squares = np.zeros((64, 28, 28, 1), "float32")
+    squares[:, 10:18, 10:18] = 255  # 64 pixels of ink each
+    seed = tf.constant([5, 6], tf.int64)
+    plain = augment(squares, seed).numpy()
+    np.testing.assert_array_equal(augment(squares, seed, zoom=0.0).numpy(), plain)  # old runs draw as before
+    ink = (augment(squares, seed, zoom=0.3).numpy() > 0).sum(axis=(1, 2, 3))
+    np.testing.assert_array_equal((augment(squares, seed, zoom=0.3).numpy() > 0).sum(axis=(1, 2, 3)), ink)
+    assert np.all(np.abs((plain > 0).sum(axis=(1, 2, 3)) - 64) <= 2)  # rotations and shifts keep the area
+    # Scaled by 0.7 to 1.3: the area by 0.49 to 1.69, some images grown, some shrunk.
+    assert ink.min() >= 0.49 * 64 * 0.8 and ink.max() <= 1.69 * 64 * 1.2
+    assert (ink > 1.2 * 64).any() and (ink < 0.8 * 64).any()
+
+
+def test_zoom_needs_augmentation_and_a_fraction_below_one():
+    TrainConfig(augment=True, zoom=0.1).check()
+    with pytest.raises(KernormError, match="add --augment"):
+        TrainConfig(zoom=0.1).check()
+    with pytest.raises(KernormError, match="zoom 1: choose a fraction"):
+        TrainConfig(augment=True, zoom=1.0).check()
 
 
 @pytest.mark.slow
