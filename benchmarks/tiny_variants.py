@@ -4,8 +4,9 @@ Each variant changes one thing of `--preset tiny --norm bn` for the process that
 (stem, block 1 and block 2 widths of `kernorm.models._separable_layers`), a full conv at high resolution,
 norms without their scale γ, another activation, max- in place of average-pooling, Adam in place of SGD, the
 weights averaged over the schedule's tail, BN's statistics recollected after training, augmentation of only
-some of the images, a smaller rotation, or a scaling added (`VARIANTS`). They are not options of kernorm,
-as none beat the preset (docs/accuracy.md); this script keeps the search repeatable. Every run trains
+some of the images, a smaller rotation, or a scaling added (`VARIANTS`; the scaling is also kernorm's
+`train --zoom`, in one resampling). None beat the preset (docs/accuracy.md), so the others are not options
+of kernorm; this script keeps the search repeatable. Every run trains
 deterministically on the first 50,000 training images and is judged on the last 10,000
 (`--validation 10000`), in OUT/<variant>-seed<seed>; a finished run there is reused.
 
