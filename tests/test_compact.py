@@ -115,12 +115,16 @@ def test_zoom_scales_each_image_and_leaves_the_rotations_and_shifts_as_they_were
     assert (ink > 1.2 * 64).any() and (ink < 0.8 * 64).any()
 
 
-def test_zoom_needs_augmentation_and_a_fraction_below_one():
+def test_zoom_needs_augmentation_and_a_fraction_below_one(tmp_path, data_dir):
     TrainConfig(augment=True, zoom=0.1).check()
-    with pytest.raises(KernormError, match="add --augment"):
-        TrainConfig(zoom=0.1).check()
     with pytest.raises(KernormError, match="zoom 1: choose a fraction"):
         TrainConfig(augment=True, zoom=1.0).check()
+    result = CliRunner().invoke(main, ["train", "--zoom", "0.1", "--limit", "64", "--data-dir", data_dir,
+                                       "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: zoom 0.1 scales the augmented images: add --augment or leave "
+                                     "--zoom out")
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow
