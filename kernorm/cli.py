@@ -157,6 +157,8 @@ def train(ctx, config_file, preset, overwrite, **options):
         raise click.UsageError("--config and --preset both give a starting configuration; pass one")
     config = TrainConfig.load(config_file) if config_file else PRESETS[preset]
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    if given.get("augment") is False and "zoom" not in given:
+        given["zoom"] = 0.0  # the starting recipe's scaling is part of the augmentation turned off
     config = dataclasses.replace(config, **given)
     metrics = run_training(config, overwrite=overwrite)
     if metrics["interrupted"]:

@@ -127,6 +127,16 @@ def test_zoom_needs_augmentation_and_a_fraction_below_one(tmp_path, data_dir):
     assert not (tmp_path / "r").exists()
 
 
+def test_no_augment_also_turns_off_the_starting_recipe_s_zoom(tmp_path, data_dir):
+    TrainConfig(architecture="tiny", augment=True, zoom=0.1).save(tmp_path / "zoomed.json")
+    result = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "zoomed.json"), "--no-augment",
+                                       "--epochs", "1", "--limit", "128", "--data-dir", data_dir,
+                                       "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    config = TrainConfig.load(tmp_path / "r" / "config.json")
+    assert (config.augment, config.zoom) == (False, 0.0)
+
+
 @pytest.mark.slow
 def test_compact_preset_writes_its_recipe_and_command_line_overrides_it(compact_run):
     run_dir, output = compact_run
