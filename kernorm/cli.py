@@ -204,6 +204,7 @@ def _axis(name, item_type, what):
 @_axis("lr", click.FloatRange(min=0, min_open=True), "learning rates")
 @_axis("batch-size", click.IntRange(min=1), "batch sizes")
 @_axis("label-smoothing", click.FloatRange(0, 1, max_open=True), "label smoothings")
+@_axis("zoom", click.FloatRange(0, 1, max_open=True), "zooms of augmented images")
 @_axis("precision", click.Choice(PRECISIONS), "dtype policies")
 @click.option("--seeds", type=click.IntRange(min=1), default=SweepConfig.seeds, show_default=True,
               help="Seeds per cell: 1 to N.")

@@ -251,7 +251,7 @@ class ReproduceConfig:
 # The `TrainConfig` fields a sweep's grid may vary, besides the preset it starts from, and
 # the types their values take (a dropout may also be null: none).
 SWEEP_AXES = {"architecture": str, "norm": str, "groups": int, "l1": float, "l2": float, "dropout": float,
-              "lr": float, "batch_size": int, "label_smoothing": float, "precision": str}
+              "lr": float, "batch_size": int, "label_smoothing": float, "zoom": float, "precision": str}
 
 
 def read_grid(path):

@@ -45,9 +45,9 @@ def parse_shard(text):
 
 def cell_name(preset, config):
     """A cell's folder name from its preset and what it trains:
-    `[<preset>-][<architecture>-]<norm>[-g<groups>][-l1_X][-l2_X][-dropout_X][-lr_X][-batch_X][-ls_X][-<precision>]`,
-    naming the preset unless it is the study's, and the architecture, groups, lr, batch size, label smoothing
-    and precision where they differ from it."""
+    `[<preset>-][<architecture>-]<norm>[-g<groups>][-l1_X][-l2_X][-dropout_X][-lr_X][-batch_X][-ls_X][-zoom_X]
+    [-<precision>]`, naming the preset unless it is the study's, and the architecture, groups, lr, batch size,
+    label smoothing, zoom and precision where they differ from it."""
     parts = [] if preset == "study" else [preset]
     if config.architecture != PRESETS[preset].architecture:
         parts.append(config.architecture)
@@ -57,7 +57,7 @@ def cell_name(preset, config):
     parts += [f"{key}_{value:g}" for key, value in (("l1", config.l1), ("l2", config.l2), ("dropout", config.dropout))
               if value]
     parts += [f"{short}_{getattr(config, key):g}" for key, short in (
-        ("lr", "lr"), ("batch_size", "batch"), ("label_smoothing", "ls"))
+        ("lr", "lr"), ("batch_size", "batch"), ("label_smoothing", "ls"), ("zoom", "zoom"))
         if getattr(config, key) != getattr(PRESETS[preset], key)]
     if config.precision != PRESETS[preset].precision:
         parts.append(config.precision)

@@ -42,6 +42,15 @@ def test_a_precision_cell_trains_in_that_dtype_policy_and_names_it(tmp_path):
     assert [cell.runs[0].precision for cell in cells] == ["float32", "mixed_bfloat16"]
 
 
+def test_a_zoom_cell_scales_the_preset_s_augmented_images_and_names_it(tmp_path):
+    cells = sweep.cells_of(SweepConfig(grid={"preset": ["tiny"], "zoom": [0.0, 0.1, 0.2]}, out=str(tmp_path)))
+    assert [cell.name for cell in cells] == [
+        "tiny-bn-l2_0.0001-zoom_0", "tiny-bn-l2_0.0001", "tiny-bn-l2_0.0001-zoom_0.2"]
+    assert [cell.runs[0].zoom for cell in cells] == [0.0, 0.1, 0.2]
+    with pytest.raises(KernormError, match="zoom 0.1 scales the augmented images"):
+        sweep.cells_of(SweepConfig(grid={"zoom": [0.1]}))  # the study's set-up does not augment
+
+
 def test_two_combinations_that_train_the_same_run_are_refused():
     with pytest.raises(KernormError, match="the grid makes the cell ln twice"):
         sweep.cells_of(SweepConfig(grid={"norm": ["ln"], "groups": [1, 4]}))  # LN has one group whatever is asked
