@@ -1,11 +1,12 @@
 """Variants of the tiny preset on a validation split: the levers its search tried beyond the recipe's options.
 
-Each variant changes one thing of `--preset tiny --norm bn` for the process that trains it: the layout
+Each variant changes one thing of `--preset tiny --norm bn --zoom 0` (`base`: the tiny preset as its search
+found it, before it took `--zoom 0.1`) for the process that trains it: the layout
 (stem, block 1 and block 2 widths of `kernorm.models._separable_layers`), a full conv at high resolution,
 norms without their scale γ, another activation, max- in place of average-pooling, Adam in place of SGD, the
 weights averaged over the schedule's tail, BN's statistics recollected after training, augmentation of only
 some of the images, a smaller rotation, or a scaling added (`VARIANTS`; the scaling is also kernorm's
-`train --zoom`, in one resampling). None beat the preset (docs/accuracy.md), so the others are not options
+`train --zoom`, in one resampling). None beat the base (docs/accuracy.md), so the others are not options
 of kernorm; this script keeps the search repeatable. Every run trains
 deterministically on the first 50,000 training images and is judged on the last 10,000
 (`--validation 10000`), in OUT/<variant>-seed<seed>; a finished run there is reused.
@@ -33,7 +34,7 @@ import sys
 # "augment_probability", "rotation" (degrees), "zoom" (a scaling by 1 ± up to `zoom` before the rotation and
 # shift), "optimizer" ("adam" in place of SGD with momentum) and "lr" (its peak learning rate).
 VARIANTS = {
-    "preset": {},
+    "base": {},
     "no-scale": dict(scale=False),
     "no-scale-wider": dict(scale=False, layout=(4, [8, 8], [10, 11, 11])),
     "shallower-late": dict(layout=(4, [8, 10], [12, 12])),
@@ -57,8 +58,8 @@ VALIDATION = 10000
 def config_of(variant, seed, out, data_dir):
     from kernorm.config import PRESETS
     lr = VARIANTS[variant].get("lr", PRESETS["tiny"].lr)
-    return dataclasses.replace(PRESETS["tiny"], norm="bn", lr=lr, seed=seed, validation=VALIDATION, deterministic=True,
-                               out=os.path.join(out, f"{variant}-seed{seed}"), data_dir=data_dir)
+    return dataclasses.replace(PRESETS["tiny"], norm="bn", zoom=0.0, lr=lr, seed=seed, validation=VALIDATION,
+                               deterministic=True, out=os.path.join(out, f"{variant}-seed{seed}"), data_dir=data_dir)
 
 
 def _apply(changes):
