@@ -6,8 +6,10 @@ found it, before it took `--zoom 0.1`) for the process that trains it: the layou
 norms without their scale γ, another activation, max- in place of average-pooling, Adam in place of SGD, the
 weights averaged over the schedule's tail, BN's statistics recollected after training, augmentation of only
 some of the images, a smaller rotation, or a scaling added (`VARIANTS`; the scaling is also kernorm's
-`train --zoom`, in one resampling). None beat the base (docs/accuracy.md), so the others are not options
-of kernorm; this script keeps the search repeatable. Every run trains
+`train --zoom`, in one resampling). The weight-shared variants change the tiny preset as it is now
+(`preset-zoom`, `--zoom 0.1`): block 2's later convolutions become one, applied several times. Only the
+zoom beat its base (docs/accuracy.md), so the others are not options of kernorm; this script keeps the
+search repeatable. Every run trains
 deterministically on the first 50,000 training images and is judged on the last 10,000
 (`--validation 10000`), in OUT/<variant>-seed<seed>; a finished run there is reused.
 
@@ -27,12 +29,14 @@ import statistics
 import subprocess
 import sys
 
-# name -> what it changes: "layout" (stem, block1, block2), "full" (full convs between stem and block1),
+# name -> what it changes: "recipe" (fields of the `TrainConfig`), "layout" (stem, block1, block2), "full" (full
+# convs between stem and block1), "shared" (block 2 as one separable conv to C1 channels, then one separable conv
+# C1 -> C1 applied `times` times, each application with its own norm: (C1, times)),
 # "scale" (the norms' γ), "activation" (a Keras activation in place of the ReLU), "pool" ("max"),
 # "average_from" (the first epoch whose end weights are averaged; BN's statistics are then recollected),
 # "precise_bn" (BN's statistics recollected over the training images after the last epoch),
 # "augment_probability", "rotation" (degrees), "zoom" (a scaling by 1 ± up to `zoom` before the rotation and
-# shift), "optimizer" ("adam" in place of SGD with momentum) and "lr" (its peak learning rate).
+# shift) and "optimizer" ("adam" in place of SGD with momentum).
 VARIANTS = {
     "base": {},
     "no-scale": dict(scale=False),
@@ -47,19 +51,22 @@ VARIANTS = {
     "precise-bn": dict(precise_bn=True),
     "leaky-relu": dict(activation="leaky_relu"),
     "silu": dict(activation="silu"),
-    "adam": dict(optimizer="adam", lr=0.01),
+    "adam": dict(optimizer="adam", recipe=dict(lr=0.01)),
     "augment-half": dict(augment_probability=0.5),
     "rotate-4": dict(rotation=4.0),
     "zoom-10": dict(zoom=0.1),
+    "preset-zoom": dict(recipe=dict(zoom=0.1)),  # `--preset tiny` as it is now
+    "shared-late": dict(recipe=dict(zoom=0.1), shared=(13, 2)),
+    "shared-deeper": dict(recipe=dict(zoom=0.1), shared=(12, 3)),
 }
 VALIDATION = 10000
 
 
 def config_of(variant, seed, out, data_dir):
     from kernorm.config import PRESETS
-    lr = VARIANTS[variant].get("lr", PRESETS["tiny"].lr)
-    return dataclasses.replace(PRESETS["tiny"], norm="bn", zoom=0.0, lr=lr, seed=seed, validation=VALIDATION,
-                               deterministic=True, out=os.path.join(out, f"{variant}-seed{seed}"), data_dir=data_dir)
+    recipe = {"zoom": 0.0, **VARIANTS[variant].get("recipe", {})}
+    return dataclasses.replace(PRESETS["tiny"], norm="bn", seed=seed, validation=VALIDATION, deterministic=True,
+                               out=os.path.join(out, f"{variant}-seed{seed}"), data_dir=data_dir, **recipe)
 
 
 def _apply(changes):
@@ -68,19 +75,25 @@ def _apply(changes):
     import tensorflow as tf
 
     from kernorm import data, models, norms, train
-    from kernorm.layers import conv_block
+    from kernorm.layers import conv_block, conv_layer
 
     layout = changes.get("layout", (4, [8, 8], [10, 10, 10]))
 
     def tiny_layers(block):
         block = dict(block, activation=changes.get("activation", "relu"))
         stack = models._separable_layers(*layout)(block)
+        if "shared" in changes:  # [stem, block1, transition, block2, pool]
+            channels, times = changes["shared"]
+            layer = {k: v for k, v in block.items() if k != "dropout_layers"}
+            stack[3] = keras.Sequential(conv_layer(channels, separable=True, **layer)
+                                        + [SharedConv(channels, times, layer)], name="block2")
         if changes.get("pool") == "max":  # the transition: [conv_block stem, block1, transition, ...]
             stack[2] = keras.layers.MaxPooling2D(2, name="transition1")
         if "full" in changes:
             stack.insert(1, conv_block(changes["full"], name="full", **block))
         return stack
 
+    SharedConv = shared_conv_class()
     models.ARCHITECTURES["tiny"] = tiny_layers
     if changes.get("scale") is False:
         norms.NORMS["bn"] = lambda channels, groups, sync_bn, input_activation: norms.BatchNorm(
@@ -130,6 +143,35 @@ def _apply(changes):
             return result
 
         train._train_epoch = train_and_average
+
+
+def shared_conv_class():
+    """`SharedConv`, defined once Keras is imported (in the training process only)."""
+    import keras
+
+    from kernorm.layers import conv_layer
+
+    @keras.saving.register_keras_serializable(package="tiny_variants")
+    class SharedConv(keras.layers.Layer):
+        """One separable 3×3 conv `channels` -> `channels` applied `times` times, each application followed by
+        its own norm (which applies the activation), as `conv_layer` builds them. Input and output
+        `(batch, H, W, channels)`, H and W two smaller per application."""
+
+        def __init__(self, channels, times, layer, **kwargs):
+            super().__init__(**kwargs)
+            self.channels, self.times, self.layer = channels, times, layer
+            layers = [conv_layer(channels, separable=True, **layer) for _ in range(times)]
+            self.conv, self.norms = layers[0][0], [norm for _, norm in layers]
+
+        def call(self, x, training=None):
+            for norm in self.norms:
+                x = norm(self.conv(x), training=training)
+            return x
+
+        def get_config(self):
+            return {**super().get_config(), "channels": self.channels, "times": self.times, "layer": self.layer}
+
+    return SharedConv
 
 
 def _recollect_bn_statistics(model, train_data, batch_size):
