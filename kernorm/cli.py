@@ -2,6 +2,9 @@
 
 import dataclasses
 import errno
+import multiprocessing
+import os
+import signal
 import sys
 
 import click
@@ -68,6 +71,16 @@ def main(verbose):
     """Normalization and regularization for a tiny CNN: train, compare, export."""
     if not verbose:
         quiet_native_logs()
+    signal.signal(signal.SIGTERM, _stop_as_ctrl_c)
+
+
+def _stop_as_ctrl_c(signum, frame):
+    # `kill PID` reaches this process alone, where Ctrl-C reaches the terminal's whole process group: pass
+    # SIGINT on to the training processes a sweep started, so that each keeps its finished epochs and ends
+    # rather than training on without the sweep, and stop here as Ctrl-C does.
+    for child in multiprocessing.active_children():
+        os.kill(child.pid, signal.SIGINT)
+    raise KeyboardInterrupt
 
 
 def _data_dir(recorded):

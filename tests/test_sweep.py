@@ -185,6 +185,35 @@ def test_a_killed_sweep_started_again_finishes_without_training_finished_runs_ag
 
 
 @pytest.mark.slow
+def test_kill_stops_the_sweep_and_its_training_process_as_ctrl_c_does(tmp_path, data_dir):
+    out = tmp_path / "sweep"
+    command = kernorm_command("sweep", "--seeds", "1", "--epochs", "200", "--limit", "600", "--jobs", "1",
+                              "--data-dir", data_dir, "--out", out)
+    run_dir = out / "runs" / "bn-seed1"
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (run_dir / "history.csv").exists():
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # to the sweep alone, not to its training process
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Interrupted; finished runs are kept" in stderr
+    while time.monotonic() < deadline:  # the training process ends too, its run kept unfinished
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a process of the sweep went on after it was killed")
+    assert not (run_dir / "test_predictions.npy").exists()
+    assert len((run_dir / "history.csv").read_text().splitlines()) < 201
+
+
+@pytest.mark.slow
 def test_a_failed_run_does_not_stop_the_others(tmp_path, data_dir):
     out = tmp_path / "sweep"
     result = run(kernorm_command("sweep", "--norm", "none", "--lr", "0.01,1000", "--seeds", "1", "--epochs", "1",
