@@ -6,10 +6,12 @@ found it, before it took `--zoom 0.1`) for the process that trains it: the layou
 norms without their scale γ, another activation, max- in place of average-pooling, Adam in place of SGD, the
 weights averaged over the schedule's tail, BN's statistics recollected after training, augmentation of only
 some of the images, a smaller rotation, or a scaling added (`VARIANTS`; the scaling is also kernorm's
-`train --zoom`, in one resampling). The weight-shared variants change the tiny preset as it is now
-(`preset-zoom`, `--zoom 0.1`): block 2's later convolutions become one, applied several times. Only the
-zoom beat its base (docs/accuracy.md), so the others are not options of kernorm; this script keeps the
-search repeatable. Every run trains
+`train --zoom`, in one resampling). The `zoom-…` and weight-shared variants change the tiny preset as it is
+now (`preset-zoom`, `--zoom 0.1`): a full conv at high resolution, residual connections in block 2, a lower
+L2 or peak learning rate, the last epochs trained on un-augmented images, the dense head replaced by a conv,
+or block 2's later convolutions made one, applied several times. Only the zoom beat its base
+(docs/accuracy.md), so the others are not options of kernorm; this script keeps the search repeatable.
+Every run trains
 deterministically on the first 50,000 training images and is judged on the last 10,000
 (`--validation 10000`), in OUT/<variant>-seed<seed>; a finished run there is reused.
 
@@ -17,8 +19,8 @@ deterministically on the first 50,000 training images and is judged on the last 
         [--data-dir DIR] [--jobs 2]
 
 Each run trains in a process of its own, since a variant replaces pieces of kernorm for its process.
-Prints a markdown table: per variant its parameters, each seed's final-epoch validation accuracy (and loss)
-and their mean.
+Prints a markdown table: per variant its parameters, each seed's final-epoch validation accuracy (and loss),
+their mean, and the mean accuracy of the final models on their own un-augmented training images.
 """
 
 import argparse
@@ -36,7 +38,11 @@ import sys
 # "average_from" (the first epoch whose end weights are averaged; BN's statistics are then recollected),
 # "precise_bn" (BN's statistics recollected over the training images after the last epoch),
 # "augment_probability", "rotation" (degrees), "zoom" (a scaling by 1 ± up to `zoom` before the rotation and
-# shift) and "optimizer" ("adam" in place of SGD with momentum).
+# shift), "optimizer" ("adam" in place of SGD with momentum), "residual" (block 2's convs add their input where
+# the channels match), "clean_from" (the first epoch trained on un-augmented images) and "head" ("conv": a linear
+# separable conv to the 10 classes, averaged, in place of the dense layer) and "grouped" (block 2 as three
+# depthwise convs, each followed by a 1×1 conv to `width` channels in `groups` groups and a channel shuffle:
+# (width, groups)).
 VARIANTS = {
     "base": {},
     "no-scale": dict(scale=False),
@@ -58,6 +64,14 @@ VARIANTS = {
     "preset-zoom": dict(recipe=dict(zoom=0.1)),  # `--preset tiny` as it is now
     "shared-late": dict(recipe=dict(zoom=0.1), shared=(13, 2)),
     "shared-deeper": dict(recipe=dict(zoom=0.1), shared=(12, 3)),
+    "zoom-full-early": dict(recipe=dict(zoom=0.1), layout=(4, [8], [10, 10, 10]), full=[4]),
+    "zoom-residual": dict(recipe=dict(zoom=0.1), residual=True),
+    "zoom-l2-5e-5": dict(recipe=dict(zoom=0.1, l2=5e-5)),
+    "zoom-lr-0.05": dict(recipe=dict(zoom=0.1, lr=0.05)),
+    "zoom-clean-26": dict(recipe=dict(zoom=0.1), clean_from=26),
+    "zoom-clean-29": dict(recipe=dict(zoom=0.1), clean_from=29),
+    "zoom-conv-head": dict(recipe=dict(zoom=0.1), layout=(4, [8, 8], [12, 12]), head="conv"),
+    "zoom-grouped": dict(recipe=dict(zoom=0.1), grouped=(12, 2)),
 }
 VALIDATION = 10000
 
@@ -87,13 +101,39 @@ def _apply(changes):
             layer = {k: v for k, v in block.items() if k != "dropout_layers"}
             stack[3] = keras.Sequential(conv_layer(channels, separable=True, **layer)
                                         + [SharedConv(channels, times, layer)], name="block2")
+        if changes.get("residual"):
+            layer = {k: v for k, v in block.items() if k != "dropout_layers"}
+            stack[3] = Residual(layout[1][-1], layout[2], layer, name="block2")
+        if "grouped" in changes:
+            width, groups = changes["grouped"]
+            regularizer = models.kernel_regularizer(block["l1"], block["l2"])
+            stack[3] = keras.Sequential([layer for _ in range(3) for layer in (
+                keras.layers.DepthwiseConv2D(3, use_bias=False, depthwise_regularizer=regularizer),
+                keras.layers.Conv2D(width, 1, groups=groups, use_bias=False, kernel_regularizer=regularizer),
+                ChannelShuffle(groups),
+                norms.create_norm_layer(block["norm"], width, block["groups"], block["sync_bn"], "relu"))],
+                name="block2")
         if changes.get("pool") == "max":  # the transition: [conv_block stem, block1, transition, ...]
             stack[2] = keras.layers.MaxPooling2D(2, name="transition1")
         if "full" in changes:
             stack.insert(1, conv_block(changes["full"], name="full", **block))
+        if changes.get("head") == "conv":  # the logits: a linear separable conv to 10 channels, averaged
+            regularizer = models.kernel_regularizer(block["l1"], block["l2"])
+            stack.insert(-1, keras.layers.SeparableConv2D(10, 3, depthwise_regularizer=regularizer,
+                                                          pointwise_regularizer=regularizer, name="head"))
         return stack
 
-    SharedConv = shared_conv_class()
+    SharedConv, Residual, ChannelShuffle = shared_conv_class(), residual_class(), channel_shuffle_class()
+    if changes.get("head") == "conv":  # no dense layer: the head's averaged output is the logits
+        class Layers:
+            def __getattr__(self, name):
+                return getattr(keras.layers, name)
+
+            @staticmethod
+            def Dense(units, **kwargs):
+                return keras.layers.Activation("linear", dtype=kwargs["dtype"], name=kwargs["name"])
+
+        models.layers = Layers()
     models.ARCHITECTURES["tiny"] = tiny_layers
     if changes.get("scale") is False:
         norms.NORMS["bn"] = lambda channels, groups, sync_bn, input_activation: norms.BatchNorm(
@@ -127,6 +167,14 @@ def _apply(changes):
             return rotate_and_shift(zoomed, seed)
 
         data.augment = zoom_then_augment
+    if "clean_from" in changes:
+        make_dataset = train.make_dataset
+
+        def clean_late(*args, epoch=1, augment_images=False, **kwargs):
+            return make_dataset(*args, epoch=epoch, augment_images=augment_images and epoch < changes["clean_from"],
+                                **kwargs)
+
+        train.make_dataset = clean_late
     if "average_from" in changes or changes.get("precise_bn"):
         first, average = changes.get("average_from"), []
         train_epoch = train._train_epoch
@@ -172,6 +220,61 @@ def shared_conv_class():
             return {**super().get_config(), "channels": self.channels, "times": self.times, "layer": self.layer}
 
     return SharedConv
+
+
+def residual_class():
+    """`Residual`, defined once Keras is imported (in the training process only)."""
+    import keras
+
+    from kernorm.layers import conv_layer
+
+    @keras.saving.register_keras_serializable(package="tiny_variants")
+    class Residual(keras.layers.Layer):
+        """Separable 3×3 convs `in_channels` -> widths[0] -> widths[1] ..., each followed by its norm, as
+        `conv_layer` builds them; a conv whose input has its output's channels adds that input, cropped by
+        one pixel a side to the conv's "valid" output. Input `(batch, H, W, in_channels)`, output
+        `(batch, H - 2n, W - 2n, widths[-1])` for n convs."""
+
+        def __init__(self, in_channels, widths, layer, **kwargs):
+            super().__init__(**kwargs)
+            self.in_channels, self.widths, self.layer = in_channels, widths, layer
+            self.convs = [conv_layer(width, separable=True, **layer) for width in widths]
+
+        def call(self, x, training=None):
+            for conv, norm in self.convs:
+                y = norm(conv(x), training=training)
+                x = y + x[:, 1:-1, 1:-1, :] if x.shape[-1] == y.shape[-1] else y
+            return x
+
+        def get_config(self):
+            return {**super().get_config(), "in_channels": self.in_channels, "widths": self.widths,
+                    "layer": self.layer}
+
+    return Residual
+
+
+def channel_shuffle_class():
+    """`ChannelShuffle`, defined once Keras is imported (in the training process only)."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="tiny_variants")
+    class ChannelShuffle(keras.layers.Layer):
+        """ShuffleNet's shuffle: channel g·k + i moves to i·groups + g, so that a grouped conv after a grouped
+        conv sees every group. Input and output `(batch, H, W, C)`, C a multiple of `groups`."""
+
+        def __init__(self, groups, **kwargs):
+            super().__init__(**kwargs)
+            self.groups = groups
+
+        def call(self, x):
+            _, h, w, c = x.shape
+            x = keras.ops.reshape(x, (-1, h, w, self.groups, c // self.groups))
+            return keras.ops.reshape(keras.ops.swapaxes(x, 3, 4), (-1, h, w, c))
+
+        def get_config(self):
+            return {**super().get_config(), "groups": self.groups}
+
+    return ChannelShuffle
 
 
 def _recollect_bn_statistics(model, train_data, batch_size):
@@ -225,14 +328,28 @@ def main():
     if failed:
         sys.exit(f"run(s) {', '.join(failed)} failed (their errors are above); run the command again to resume them")
 
-    print("| variant | params | " + " | ".join(f"seed {s} val acc % (loss)" for s in seeds) + " | mean val acc % |")
-    print("|---|---|" + "---|" * (len(seeds) + 1))
+    print("| variant | params | " + " | ".join(f"seed {s} val acc % (loss)" for s in seeds)
+          + " | mean val acc % | mean train acc % |")
+    print("|---|---|" + "---|" * (len(seeds) + 2))
     for variant in variants:
         runs = [load_run(config_of(variant, s, args.out, args.data_dir).run_dir) for s in seeds]
         finals = [run.history[-1] for run in runs]
         cells = [f"{100 * row['val_acc']:.2f} ({row['val_loss']:.4f})" for row in finals]
         mean = statistics.mean(100 * row["val_acc"] for row in finals)
-        print(f"| {variant} | {runs[0].metrics['params']:,} | " + " | ".join(cells) + f" | {mean:.2f} |")
+        fit = statistics.mean(training_accuracy(run, args.data_dir) for run in runs)
+        print(f"| {variant} | {runs[0].metrics['params']:,} | " + " | ".join(cells) + f" | {mean:.2f} | {fit:.2f} |")
+
+
+def training_accuracy(run, data_dir):
+    """The percentage of its own (un-augmented) training images that a run's final model classifies right:
+    how far the network fits what it was trained on."""
+    from kernorm.data import load_mnist, split_validation
+    from kernorm.models import load_model
+    from kernorm.reports import predict_probs
+
+    shared_conv_class(), residual_class(), channel_shuffle_class()  # a variant's layers, for loading its model
+    (images, labels), _ = split_validation(*load_mnist(data_dir)[0], VALIDATION)
+    return 100 * (predict_probs(load_model(run.model_file), images).argmax(1) == labels).mean()
 
 
 if __name__ == "__main__":
