@@ -40,9 +40,9 @@ import sys
 # "augment_probability", "rotation" (degrees), "zoom" (a scaling by 1 ± up to `zoom` before the rotation and
 # shift), "optimizer" ("adam" in place of SGD with momentum), "residual" (block 2's convs add their input where
 # the channels match), "clean_from" (the first epoch trained on un-augmented images) and "head" ("conv": a linear
-# separable conv to the 10 classes, averaged, in place of the dense layer) and "grouped" (block 2 as three
+# separable conv to the 10 classes, averaged, in place of the dense layer), "grouped" (block 2 as three
 # depthwise convs, each followed by a 1×1 conv to `width` channels in `groups` groups and a channel shuffle:
-# (width, groups)).
+# (width, groups)) and "same_block2" (block 2's convs zero-padded to keep the 11×11 map).
 VARIANTS = {
     "base": {},
     "no-scale": dict(scale=False),
@@ -72,6 +72,7 @@ VARIANTS = {
     "zoom-clean-29": dict(recipe=dict(zoom=0.1), clean_from=29),
     "zoom-conv-head": dict(recipe=dict(zoom=0.1), layout=(4, [8, 8], [12, 12]), head="conv"),
     "zoom-grouped": dict(recipe=dict(zoom=0.1), grouped=(12, 2)),
+    "zoom-same-block2": dict(recipe=dict(zoom=0.1), same_block2=True),
 }
 VALIDATION = 10000
 
@@ -104,6 +105,8 @@ def _apply(changes):
         if changes.get("residual"):
             layer = {k: v for k, v in block.items() if k != "dropout_layers"}
             stack[3] = Residual(layout[1][-1], layout[2], layer, name="block2")
+        if changes.get("same_block2"):
+            stack[3] = conv_block(layout[2], separable=True, padding="same", name="block2", **block)
         if "grouped" in changes:
             width, groups = changes["grouped"]
             regularizer = models.kernel_regularizer(block["l1"], block["l2"])
