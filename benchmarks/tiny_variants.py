@@ -9,7 +9,8 @@ some of the images, a smaller rotation, or a scaling added (`VARIANTS`; the scal
 `train --zoom`, in one resampling). The `zoom-…` and weight-shared variants change the tiny preset as it is
 now (`preset-zoom`, `--zoom 0.1`): a full conv at high resolution, residual connections in block 2, a lower
 L2 or peak learning rate, the last epochs trained on un-augmented images, the dense head replaced by a conv,
-or block 2's later convolutions made one, applied several times. Only the zoom beat its base
+block 2's 1×1 convolutions grouped or its maps zero-padded, or its later convolutions made one, applied
+several times. Only the zoom beat its base
 (docs/accuracy.md), so the others are not options of kernorm; this script keeps the search repeatable.
 Every run trains
 deterministically on the first 50,000 training images and is judged on the last 10,000
@@ -39,7 +40,7 @@ import sys
 # "precise_bn" (BN's statistics recollected over the training images after the last epoch),
 # "augment_probability", "rotation" (degrees), "zoom" (a scaling by 1 ± up to `zoom` before the rotation and
 # shift), "optimizer" ("adam" in place of SGD with momentum), "residual" (block 2's convs add their input where
-# the channels match), "clean_from" (the first epoch trained on un-augmented images) and "head" ("conv": a linear
+# the channels match), "clean_from" (the first epoch trained on un-augmented images), "head" ("conv": a linear
 # separable conv to the 10 classes, averaged, in place of the dense layer), "grouped" (block 2 as three
 # depthwise convs, each followed by a 1×1 conv to `width` channels in `groups` groups and a channel shuffle:
 # (width, groups)) and "same_block2" (block 2's convs zero-padded to keep the 11×11 map).
@@ -97,20 +98,19 @@ def _apply(changes):
     def tiny_layers(block):
         block = dict(block, activation=changes.get("activation", "relu"))
         stack = models._separable_layers(*layout)(block)
+        layer = {k: v for k, v in block.items() if k != "dropout_layers"}  # conv_layer's arguments
+        regularizer = models.kernel_regularizer(block["l1"], block["l2"])
         if "shared" in changes:  # [stem, block1, transition, block2, pool]
             channels, times = changes["shared"]
-            layer = {k: v for k, v in block.items() if k != "dropout_layers"}
             stack[3] = keras.Sequential(conv_layer(channels, separable=True, **layer)
                                         + [SharedConv(channels, times, layer)], name="block2")
         if changes.get("residual"):
-            layer = {k: v for k, v in block.items() if k != "dropout_layers"}
             stack[3] = Residual(layout[1][-1], layout[2], layer, name="block2")
         if changes.get("same_block2"):
             stack[3] = conv_block(layout[2], separable=True, padding="same", name="block2", **block)
         if "grouped" in changes:
             width, groups = changes["grouped"]
-            regularizer = models.kernel_regularizer(block["l1"], block["l2"])
-            stack[3] = keras.Sequential([layer for _ in range(3) for layer in (
+            stack[3] = keras.Sequential([piece for _ in range(3) for piece in (
                 keras.layers.DepthwiseConv2D(3, use_bias=False, depthwise_regularizer=regularizer),
                 keras.layers.Conv2D(width, 1, groups=groups, use_bias=False, kernel_regularizer=regularizer),
                 ChannelShuffle(groups),
@@ -121,7 +121,6 @@ def _apply(changes):
         if "full" in changes:
             stack.insert(1, conv_block(changes["full"], name="full", **block))
         if changes.get("head") == "conv":  # the logits: a linear separable conv to 10 channels, averaged
-            regularizer = models.kernel_regularizer(block["l1"], block["l2"])
             stack.insert(-1, keras.layers.SeparableConv2D(10, 3, depthwise_regularizer=regularizer,
                                                           pointwise_regularizer=regularizer, name="head"))
         return stack
@@ -197,7 +196,7 @@ def _apply(changes):
 
 
 def shared_conv_class():
-    """`SharedConv`, defined once Keras is imported (in the training process only)."""
+    """`SharedConv`, defined once Keras is imported (in a process that trains or loads a variant)."""
     import keras
 
     from kernorm.layers import conv_layer
@@ -226,7 +225,7 @@ def shared_conv_class():
 
 
 def residual_class():
-    """`Residual`, defined once Keras is imported (in the training process only)."""
+    """`Residual`, defined once Keras is imported (in a process that trains or loads a variant)."""
     import keras
 
     from kernorm.layers import conv_layer
@@ -257,7 +256,7 @@ def residual_class():
 
 
 def channel_shuffle_class():
-    """`ChannelShuffle`, defined once Keras is imported (in the training process only)."""
+    """`ChannelShuffle`, defined once Keras is imported (in a process that trains or loads a variant)."""
     import keras
 
     @keras.saving.register_keras_serializable(package="tiny_variants")
@@ -334,24 +333,25 @@ def main():
     print("| variant | params | " + " | ".join(f"seed {s} val acc % (loss)" for s in seeds)
           + " | mean val acc % | mean train acc % |")
     print("|---|---|" + "---|" * (len(seeds) + 2))
+    from kernorm.data import load_mnist, split_validation
+
+    train_data, _ = split_validation(*load_mnist(args.data_dir)[0], VALIDATION)
+    shared_conv_class(), residual_class(), channel_shuffle_class()  # a variant's layers, for loading its model
     for variant in variants:
         runs = [load_run(config_of(variant, s, args.out, args.data_dir).run_dir) for s in seeds]
         finals = [run.history[-1] for run in runs]
         cells = [f"{100 * row['val_acc']:.2f} ({row['val_loss']:.4f})" for row in finals]
         mean = statistics.mean(100 * row["val_acc"] for row in finals)
-        fit = statistics.mean(training_accuracy(run, args.data_dir) for run in runs)
+        fit = statistics.mean(training_accuracy(run, *train_data) for run in runs)
         print(f"| {variant} | {runs[0].metrics['params']:,} | " + " | ".join(cells) + f" | {mean:.2f} | {fit:.2f} |")
 
 
-def training_accuracy(run, data_dir):
-    """The percentage of its own (un-augmented) training images that a run's final model classifies right:
-    how far the network fits what it was trained on."""
-    from kernorm.data import load_mnist, split_validation
+def training_accuracy(run, images, labels):
+    """The percentage of its own (un-augmented) training images, `images` and `labels`, that a run's final
+    model classifies right: how far the network fits what it was trained on."""
     from kernorm.models import load_model
     from kernorm.reports import predict_probs
 
-    shared_conv_class(), residual_class(), channel_shuffle_class()  # a variant's layers, for loading its model
-    (images, labels), _ = split_validation(*load_mnist(data_dir)[0], VALIDATION)
     return 100 * (predict_probs(load_model(run.model_file), images).argmax(1) == labels).mean()
 
 
