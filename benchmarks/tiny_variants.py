@@ -10,11 +10,10 @@ some of the images, a smaller rotation, or a scaling added (`VARIANTS`; the scal
 now (`preset-zoom`, `--zoom 0.1`): a full conv at high resolution, residual connections in block 2, a lower
 L2 or peak learning rate, the last epochs trained on un-augmented images, the dense head replaced by a conv,
 block 2's 1×1 convolutions grouped or its maps zero-padded, or its later convolutions made one, applied
-several times. Only the zoom beat its base
-(docs/accuracy.md), so the others are not options of kernorm; this script keeps the search repeatable.
-Every run trains
-deterministically on the first 50,000 training images and is judged on the last 10,000
-(`--validation 10000`), in OUT/<variant>-seed<seed>; a finished run there is reused.
+several times; `zoom-over-budget` widens it past 1,000 parameters to see what capacity gives. Only the zoom
+beat its base (docs/accuracy.md), so the others are not options of kernorm; this script keeps the search
+repeatable. Every run trains deterministically on the first 50,000 training images and is judged on the last
+10,000 (`--validation 10000`), in OUT/<variant>-seed<seed>; a finished run there is reused.
 
     python benchmarks/tiny_variants.py VARIANT[,VARIANT...] [--seeds 1,2,3] [--out sweeps/tiny-variants]
         [--data-dir DIR] [--jobs 2]
@@ -74,6 +73,7 @@ VARIANTS = {
     "zoom-conv-head": dict(recipe=dict(zoom=0.1), layout=(4, [8, 8], [12, 12]), head="conv"),
     "zoom-grouped": dict(recipe=dict(zoom=0.1), grouped=(12, 2)),
     "zoom-same-block2": dict(recipe=dict(zoom=0.1), same_block2=True),
+    "zoom-over-budget": dict(recipe=dict(zoom=0.1), layout=(4, [8, 10], [12, 12, 12])),  # 1,216: a capacity probe
 }
 VALIDATION = 10000
 
