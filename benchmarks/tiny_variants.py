@@ -10,10 +10,13 @@ some of the images, a smaller rotation, or a scaling added (`VARIANTS`; the scal
 now (`preset-zoom`, `--zoom 0.1`): a full conv at high resolution, residual connections in block 2, a lower
 L2 or peak learning rate, the last epochs trained on un-augmented images, the dense head replaced by a conv,
 block 2's 1×1 convolutions grouped or its maps zero-padded, or its later convolutions made one, applied
-several times; `zoom-over-budget` widens it past 1,000 parameters to see what capacity gives. Only the zoom
-beat its base (docs/accuracy.md), so the others are not options of kernorm; this script keeps the search
-repeatable. Every run trains deterministically on the first 50,000 training images and is judged on the last
-10,000 (`--validation 10000`), in OUT/<variant>-seed<seed>; a finished run there is reused.
+several times; every kernel trained as a product of factors, the norm before the activation, batches of 64,
+or distillation from `compact-teacher` (the compact preset on the same split, seed 1; train it first).
+`zoom-over-budget` widens the network past 1,000 parameters and `zoom-60-epochs` trains it past 30 epochs, to
+see what capacity and time give. Only the zoom beat its base (docs/accuracy.md), so the others are not
+options of kernorm; this script keeps the search repeatable. Every run trains deterministically on the first
+50,000 training images and is judged on the last 10,000 (`--validation 10000`), in OUT/<variant>-seed<seed>;
+a finished run there is reused.
 
     python benchmarks/tiny_variants.py VARIANT[,VARIANT...] [--seeds 1,2,3] [--out sweeps/tiny-variants]
         [--data-dir DIR] [--jobs 2]
@@ -42,7 +45,9 @@ import sys
 # the channels match), "clean_from" (the first epoch trained on un-augmented images), "head" ("conv": a linear
 # separable conv to the 10 classes, averaged, in place of the dense layer), "grouped" (block 2 as three
 # depthwise convs, each followed by a 1×1 conv to `width` channels in `groups` groups and a channel shuffle:
-# (width, groups)) and "same_block2" (block 2's convs zero-padded to keep the 11×11 map).
+# (width, groups)), "same_block2" (block 2's convs zero-padded to keep the 11×11 map), "expand" (every kernel
+# trained as a product of factors, `expand` times wider inside: `ExpandedConv`), "norm_first" (conv -> norm ->
+# activation) and "distill" (the loss of `distilling_steps`: (temperature, weight)).
 VARIANTS = {
     "base": {},
     "no-scale": dict(scale=False),
@@ -74,6 +79,14 @@ VARIANTS = {
     "zoom-grouped": dict(recipe=dict(zoom=0.1), grouped=(12, 2)),
     "zoom-same-block2": dict(recipe=dict(zoom=0.1), same_block2=True),
     "zoom-over-budget": dict(recipe=dict(zoom=0.1), layout=(4, [8, 10], [12, 12, 12])),  # 1,216: a capacity probe
+    "zoom-expanded": dict(recipe=dict(zoom=0.1), expand=4),
+    "zoom-expanded-lr-0.05": dict(recipe=dict(zoom=0.1, lr=0.05), expand=4),
+    "zoom-norm-first": dict(recipe=dict(zoom=0.1), norm_first=True),
+    "zoom-batch-64": dict(recipe=dict(zoom=0.1, batch_size=64, lr=0.05)),
+    "zoom-60-epochs": dict(recipe=dict(zoom=0.1, epochs=60)),  # past the 30-epoch budget: a probe
+    # `--preset compact` on the same split, the teacher `zoom-distilled` learns from (train it first)
+    "compact-teacher": dict(recipe=dict(architecture="compact", epochs=15, l2=2.5e-4)),
+    "zoom-distilled": dict(recipe=dict(zoom=0.1), distill=(2.0, 0.5)),
 }
 VALIDATION = 10000
 
@@ -85,12 +98,14 @@ def config_of(variant, seed, out, data_dir):
                                out=os.path.join(out, f"{variant}-seed{seed}"), data_dir=data_dir, **recipe)
 
 
-def _apply(changes):
-    """Replaces, for this process, the pieces of kernorm that `changes` (a `VARIANTS` value) names."""
+def _apply(changes, out):
+    """Replaces, for this process, the pieces of kernorm that `changes` (a `VARIANTS` value) names; a teacher
+    is read from the run folder `compact-teacher-seed1` in `out`."""
     import keras
     import tensorflow as tf
 
     from kernorm import data, models, norms, train
+    from kernorm import layers as kernorm_layers
     from kernorm.layers import conv_block, conv_layer
 
     layout = changes.get("layout", (4, [8, 8], [10, 10, 10]))
@@ -123,20 +138,48 @@ def _apply(changes):
         if changes.get("head") == "conv":  # the logits: a linear separable conv to 10 channels, averaged
             stack.insert(-1, keras.layers.SeparableConv2D(10, 3, depthwise_regularizer=regularizer,
                                                           pointwise_regularizer=regularizer, name="head"))
+        if "expand" in changes:
+            stack = expanded_layers(layout, changes["expand"], block)
         return stack
 
     SharedConv, Residual, ChannelShuffle = shared_conv_class(), residual_class(), channel_shuffle_class()
-    if changes.get("head") == "conv":  # no dense layer: the head's averaged output is the logits
+    ExpandedConv, ExpandedDense = expanded_classes()
+
+    def expanded_layers(layout, rate, block):
+        """The tiny network with every kernel trained as a product of factors (`ExpandedConv`)."""
+        def conv(filters, separable):
+            return [ExpandedConv(filters, rate, separable, block["l2"]),
+                    norms.create_norm_layer(block["norm"], filters, block["groups"], block["sync_bn"], "relu")]
+
+        stem, block1, block2 = layout
+        return [keras.Sequential(conv(stem, False), name="stem"),
+                keras.Sequential([piece for width in block1 for piece in conv(width, True)], name="block1"),
+                keras.layers.AveragePooling2D(2, name="transition1"),
+                keras.Sequential([piece for width in block2 for piece in conv(width, True)], name="block2"),
+                keras.layers.GlobalAveragePooling2D(name="pool")]
+    if changes.get("head") == "conv" or "expand" in changes:
         class Layers:
             def __getattr__(self, name):
                 return getattr(keras.layers, name)
 
             @staticmethod
             def Dense(units, **kwargs):
+                if "expand" in changes:  # the logits' kernel as a product of factors too
+                    return ExpandedDense(units, changes["expand"], kwargs["kernel_regularizer"],
+                                         dtype=kwargs["dtype"], name=kwargs["name"])
+                # no dense layer: the head's averaged output is the logits
                 return keras.layers.Activation("linear", dtype=kwargs["dtype"], name=kwargs["name"])
 
         models.layers = Layers()
     models.ARCHITECTURES["tiny"] = tiny_layers
+    if changes.get("norm_first"):  # conv -> norm -> activation: the norm's β sets each channel's threshold
+        create_norm_layer = kernorm_layers.create_norm_layer
+
+        def norm_then_activation(norm, channels, groups, sync_bn, input_activation=None):
+            return keras.Sequential([create_norm_layer(norm, channels, groups, sync_bn),
+                                     keras.layers.Activation(input_activation)])
+
+        kernorm_layers.create_norm_layer = norm_then_activation
     if changes.get("scale") is False:
         norms.NORMS["bn"] = lambda channels, groups, sync_bn, input_activation: norms.BatchNorm(
             momentum=norms.BN_MOMENTUM, epsilon=norms.EPSILON, synchronized=sync_bn,
@@ -169,6 +212,8 @@ def _apply(changes):
             return rotate_and_shift(zoomed, seed)
 
         data.augment = zoom_then_augment
+    if "distill" in changes:
+        train.make_steps = distilling_steps(*changes["distill"], os.path.join(out, "compact-teacher-seed1"))
     if "clean_from" in changes:
         make_dataset = train.make_dataset
 
@@ -279,6 +324,133 @@ def channel_shuffle_class():
     return ChannelShuffle
 
 
+def distilling_steps(temperature, weight, teacher_dir):
+    """`kernorm.steps.make_steps` whose training loss is knowledge distillation (Hinton et al. 2015): (1 −
+    `weight`) × the cross-entropy with the labels + `weight` × T² × the cross-entropy with the teacher's
+    probabilities at temperature T, both on the model's logits / T, the teacher seeing the same augmented
+    images. Evaluation stays plain. The teacher is the final model of the finished run in `teacher_dir`."""
+    import keras
+    import tensorflow as tf
+
+    from kernorm import steps
+    from kernorm.models import load_model
+    from kernorm.rundir import load_run
+
+    try:
+        teacher = load_model(load_run(teacher_dir).model_file)
+    except Exception:
+        sys.exit(f"{teacher_dir}: no finished teacher run; train the variant compact-teacher (seed 1) first")
+
+    def make(model, optimizer, strategy, label_smoothing=0.0):
+        def train_step(images, labels):
+            global_batch = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, tf.shape(labels)[0])
+            taught = tf.nn.softmax(teacher(images, training=False) / temperature)
+            with tf.GradientTape() as tape:
+                logits = model(images, training=True)
+                plain = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                soft = keras.losses.categorical_crossentropy(taught, logits / temperature, from_logits=True)
+                per_example = (1 - weight) * plain + weight * temperature ** 2 * soft
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return steps._sums(plain, logits, labels)
+
+        return steps._compile_runner(strategy, train_step), steps.make_steps(model, optimizer, strategy)[1]
+
+    return make
+
+
+def expanded_classes():
+    """`ExpandedConv` and `ExpandedDense`, defined once Keras is imported (in a process that trains or loads a
+    variant)."""
+    import keras
+    from keras import ops
+
+    class ProductRegularizer:
+        """The L2 penalty of a kernel that is a product of factors, charged on the product (the kernel the
+        trained network uses), not on the factors."""
+
+        def __init__(self, l2, kernel):
+            self.l2, self.kernel = l2, kernel
+
+        def __call__(self, _):
+            return self.l2 * ops.sum(ops.square(self.kernel()))
+
+    @keras.saving.register_keras_serializable(package="tiny_variants")
+    class ExpandedConv(keras.layers.Layer):
+        """A 3×3 "valid" conv, full or depthwise-separable, without bias, whose kernels train as products of
+        factors (ExpandNets, Guo et al. 2020): a full kernel is a 3×3 conv to `rate`·filters channels times a
+        `rate`·filters × filters matrix; a depthwise kernel is `rate` 3×3 filters per channel mixed by a
+        per-channel vector; a pointwise kernel is C_in × `rate`·filters times `rate`·filters × filters. The
+        products are linear, so the trained layer is a plain `Conv2D` or `SeparableConv2D` with the products as
+        kernels: the same parameters as those. Input `(batch, H, W, C_in)`, output
+        `(batch, H - 2, W - 2, filters)`."""
+
+        def __init__(self, filters, rate, separable, l2, **kwargs):
+            super().__init__(**kwargs)
+            self.filters, self.rate, self.separable, self.l2 = filters, rate, separable, l2
+
+        def build(self, input_shape):
+            c, wide = input_shape[-1], self.rate * self.filters
+            mix = keras.initializers.RandomNormal(stddev=self.rate ** -0.5)
+            if self.separable:
+                self.depthwise = self.add_weight((3, 3, c, self.rate), "glorot_uniform", name="depthwise",
+                                                 regularizer=ProductRegularizer(self.l2, self.depthwise_kernel))
+                self.depthwise_mix = self.add_weight((c, self.rate), mix, name="depthwise_mix")
+                self.pointwise = self.add_weight((c, wide), "glorot_uniform", name="pointwise",
+                                                 regularizer=ProductRegularizer(self.l2, self.pointwise_kernel))
+            else:
+                self.pointwise = self.add_weight((3, 3, c, wide), "glorot_uniform", name="kernel",
+                                                 regularizer=ProductRegularizer(self.l2, self.pointwise_kernel))
+            self.pointwise_mix = self.add_weight((wide, self.filters), "glorot_uniform", name="pointwise_mix")
+
+        def depthwise_kernel(self):
+            return ops.expand_dims(ops.sum(self.depthwise * self.depthwise_mix, axis=-1), -1)
+
+        def pointwise_kernel(self):
+            kernel = ops.tensordot(self.pointwise, self.pointwise_mix, 1)
+            return ops.reshape(kernel, (1, 1, *kernel.shape)) if self.separable else kernel
+
+        def call(self, x):
+            if self.separable:
+                return ops.separable_conv(x, self.depthwise_kernel(), self.pointwise_kernel(), padding="valid")
+            return ops.conv(x, self.pointwise_kernel(), padding="valid")
+
+        def get_config(self):
+            return {**super().get_config(), "filters": self.filters, "rate": self.rate,
+                    "separable": self.separable, "l2": self.l2}
+
+    @keras.saving.register_keras_serializable(package="tiny_variants")
+    class ExpandedDense(keras.layers.Layer):
+        """A dense layer whose kernel trains as a C_in × `rate`·units times `rate`·units × units product, with a
+        bias: a plain `Dense` once trained. Input `(batch, C_in)`, output `(batch, units)`."""
+
+        def __init__(self, units, rate, regularizer, **kwargs):
+            super().__init__(**kwargs)
+            self.units, self.rate = units, rate
+            self.l2 = regularizer.l2 if regularizer is not None else 0.0
+
+        def build(self, input_shape):
+            wide = self.rate * self.units
+            self.factor = self.add_weight((input_shape[-1], wide), "glorot_uniform", name="kernel",
+                                          regularizer=ProductRegularizer(self.l2, self.kernel))
+            self.mix = self.add_weight((wide, self.units), "glorot_uniform", name="kernel_mix")
+            self.bias = self.add_weight((self.units,), "zeros", name="bias")
+
+        def kernel(self):
+            return ops.matmul(self.factor, self.mix)
+
+        def call(self, x):
+            return ops.matmul(x, self.kernel()) + self.bias
+
+        def get_config(self):
+            return {**super().get_config(), "units": self.units, "rate": self.rate, "regularizer": None}
+
+    return ExpandedConv, ExpandedDense
+
+
 def _recollect_bn_statistics(model, train_data, batch_size):
     """Sets each BN layer's moving statistics to the average of its batch statistics over the (un-augmented)
     training images, in place of the moving average of the last batches that training leaves."""
@@ -297,7 +469,7 @@ def _recollect_bn_statistics(model, train_data, batch_size):
 def train_one(variant, seed, out, data_dir):
     from kernorm.train import train
 
-    _apply(VARIANTS[variant])
+    _apply(VARIANTS[variant], out)
     train(config_of(variant, seed, out, data_dir), verbose=False)  # resumes an unfinished run
 
 
@@ -336,7 +508,8 @@ def main():
     from kernorm.data import load_mnist, split_validation
 
     train_data, _ = split_validation(*load_mnist(args.data_dir)[0], VALIDATION)
-    shared_conv_class(), residual_class(), channel_shuffle_class()  # a variant's layers, for loading its model
+    # a variant's layers, for loading its model
+    shared_conv_class(), residual_class(), channel_shuffle_class(), expanded_classes()
     for variant in variants:
         runs = [load_run(config_of(variant, s, args.out, args.data_dir).run_dir) for s in seeds]
         finals = [run.history[-1] for run in runs]
