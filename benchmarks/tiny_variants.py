@@ -333,12 +333,13 @@ def distilling_steps(temperature, weight, teacher_dir):
     import tensorflow as tf
 
     from kernorm import steps
+    from kernorm.errors import KernormError
     from kernorm.models import load_model
     from kernorm.rundir import load_run
 
     try:
         teacher = load_model(load_run(teacher_dir).model_file)
-    except Exception:
+    except (KernormError, OSError, ValueError):
         sys.exit(f"{teacher_dir}: no finished teacher run; train the variant compact-teacher (seed 1) first")
 
     def make(model, optimizer, strategy, label_smoothing=0.0):
@@ -399,24 +400,24 @@ def expanded_classes():
                 self.depthwise = self.add_weight((3, 3, c, self.rate), "glorot_uniform", name="depthwise",
                                                  regularizer=ProductRegularizer(self.l2, self.depthwise_kernel))
                 self.depthwise_mix = self.add_weight((c, self.rate), mix, name="depthwise_mix")
-                self.pointwise = self.add_weight((c, wide), "glorot_uniform", name="pointwise",
-                                                 regularizer=ProductRegularizer(self.l2, self.pointwise_kernel))
+                self.factor = self.add_weight((c, wide), "glorot_uniform", name="pointwise",
+                                              regularizer=ProductRegularizer(self.l2, self.kernel))
             else:
-                self.pointwise = self.add_weight((3, 3, c, wide), "glorot_uniform", name="kernel",
-                                                 regularizer=ProductRegularizer(self.l2, self.pointwise_kernel))
-            self.pointwise_mix = self.add_weight((wide, self.filters), "glorot_uniform", name="pointwise_mix")
+                self.factor = self.add_weight((3, 3, c, wide), "glorot_uniform", name="kernel",
+                                              regularizer=ProductRegularizer(self.l2, self.kernel))
+            self.mix = self.add_weight((wide, self.filters), "glorot_uniform", name="kernel_mix")
 
         def depthwise_kernel(self):
             return ops.expand_dims(ops.sum(self.depthwise * self.depthwise_mix, axis=-1), -1)
 
-        def pointwise_kernel(self):
-            kernel = ops.tensordot(self.pointwise, self.pointwise_mix, 1)
+        def kernel(self):
+            kernel = ops.tensordot(self.factor, self.mix, 1)
             return ops.reshape(kernel, (1, 1, *kernel.shape)) if self.separable else kernel
 
         def call(self, x):
             if self.separable:
-                return ops.separable_conv(x, self.depthwise_kernel(), self.pointwise_kernel(), padding="valid")
-            return ops.conv(x, self.pointwise_kernel(), padding="valid")
+                return ops.separable_conv(x, self.depthwise_kernel(), self.kernel(), padding="valid")
+            return ops.conv(x, self.kernel(), padding="valid")
 
         def get_config(self):
             return {**super().get_config(), "filters": self.filters, "rate": self.rate,
