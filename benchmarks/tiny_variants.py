@@ -11,19 +11,21 @@ now (`preset-zoom`, `--zoom 0.1`): a full conv at high resolution, residual conn
 L2 or peak learning rate, the last epochs trained on un-augmented images, the dense head replaced by a conv,
 block 2's 1×1 convolutions grouped or its maps zero-padded, or its later convolutions made one, applied
 several times; every kernel trained as a product of factors, the norm before the activation, batches of 64,
-or distillation from `compact-teacher` (the compact preset on the same split, seed 1; train it first).
-`zoom-over-budget` widens the network past 1,000 parameters and `zoom-60-epochs` trains it past 30 epochs, to
-see what capacity and time give. Only the zoom beat its base (docs/accuracy.md), so the others are not
-options of kernorm; this script keeps the search repeatable. Every run trains deterministically on the first
-50,000 training images and is judged on the last 10,000 (`--validation 10000`), in OUT/<variant>-seed<seed>;
-a finished run there is reused.
+distillation from `compact-teacher` (the compact preset on the same split, seed 1; train it first), or every
+image, training and test, deskewed. `zoom-over-budget` widens the network past 1,000 parameters and
+`zoom-60-epochs` trains it past 30 epochs, to see what capacity and time give. Only the zoom and deskewing
+beat the network they changed (docs/accuracy.md); the others are not options of kernorm, and this script
+keeps the search repeatable. Every run trains deterministically on the first 50,000 training images and is
+judged on the last 10,000 (`--validation 10000`), in OUT/<variant>-seed<seed>; a finished run there is
+reused. A variant chosen there is then tested with `--validation 0`: trained on all 60,000, judged on the
+test set (give it another OUT).
 
     python benchmarks/tiny_variants.py VARIANT[,VARIANT...] [--seeds 1,2,3] [--out sweeps/tiny-variants]
-        [--data-dir DIR] [--jobs 2]
+        [--data-dir DIR] [--jobs 2] [--validation 10000]
 
 Each run trains in a process of its own, since a variant replaces pieces of kernorm for its process.
-Prints a markdown table: per variant its parameters, each seed's final-epoch validation accuracy (and loss),
-their mean, and the mean accuracy of the final models on their own un-augmented training images.
+Prints a markdown table: per variant its parameters, each seed's final-epoch validation (or test) accuracy
+(and loss), their mean, and the mean accuracy of the final models on their own un-augmented training images.
 """
 
 import argparse
@@ -47,7 +49,8 @@ import sys
 # depthwise convs, each followed by a 1×1 conv to `width` channels in `groups` groups and a channel shuffle:
 # (width, groups)), "same_block2" (block 2's convs zero-padded to keep the 11×11 map), "expand" (every kernel
 # trained as a product of factors, `expand` times wider inside: `ExpandedConv`), "norm_first" (conv -> norm ->
-# activation) and "distill" (the loss of `distilling_steps`: (temperature, weight)).
+# activation), "distill" (the loss of `distilling_steps`: (temperature, weight)) and "deskew" (every image
+# `deskewed` before training and evaluation).
 VARIANTS = {
     "base": {},
     "no-scale": dict(scale=False),
@@ -87,14 +90,12 @@ VARIANTS = {
     # `--preset compact` on the same split, the teacher `zoom-distilled` learns from (train it first)
     "compact-teacher": dict(recipe=dict(architecture="compact", epochs=15, l2=2.5e-4)),
     "zoom-distilled": dict(recipe=dict(zoom=0.1), distill=(2.0, 0.5)),
+    "zoom-deskewed": dict(recipe=dict(zoom=0.1), deskew=True),
 }
-VALIDATION = 10000
-
-
-def config_of(variant, seed, out, data_dir):
+def config_of(variant, seed, out, data_dir, validation):
     from kernorm.config import PRESETS
     recipe = {"zoom": 0.0, **VARIANTS[variant].get("recipe", {})}
-    return dataclasses.replace(PRESETS["tiny"], norm="bn", seed=seed, validation=VALIDATION, deterministic=True,
+    return dataclasses.replace(PRESETS["tiny"], norm="bn", seed=seed, validation=validation, deterministic=True,
                                out=os.path.join(out, f"{variant}-seed{seed}"), data_dir=data_dir, **recipe)
 
 
@@ -212,6 +213,13 @@ def _apply(changes, out):
             return rotate_and_shift(zoomed, seed)
 
         data.augment = zoom_then_augment
+    if changes.get("deskew"):  # every image, training and test, deskewed before the network sees it
+        load_mnist = train.load_mnist
+
+        def load_deskewed(*args, **kwargs):
+            return [(deskewed(images), labels) for images, labels in load_mnist(*args, **kwargs)]
+
+        train.load_mnist = load_deskewed
     if "distill" in changes:
         train.make_steps = distilling_steps(*changes["distill"], os.path.join(out, "compact-teacher-seed1"))
     if "clean_from" in changes:
@@ -322,6 +330,22 @@ def channel_shuffle_class():
             return {**super().get_config(), "groups": self.groups}
 
     return ChannelShuffle
+
+
+def deskewed(images):
+    """`images` (N, 28, 28) uint8 with each digit's slant removed: a horizontal shear by −μ11/μ02 of its
+    second-order central moments about its centre of mass (the deskewing of LeCun et al.'s MNIST tables)."""
+    import cv2
+    import numpy as np
+
+    out = np.empty_like(images)
+    for i, image in enumerate(images):
+        moments = cv2.moments(image)
+        skew = moments["mu11"] / moments["mu02"] if moments["mu02"] > 1e-2 else 0.0
+        centre = moments["m01"] / moments["m00"] if moments["m00"] else 14
+        shear = np.float32([[1, skew, -skew * centre], [0, 1, 0]])  # reads x + skew · (y − centre)
+        out[i] = cv2.warpAffine(image, shear, (28, 28), flags=cv2.WARP_INVERSE_MAP | cv2.INTER_LINEAR)
+    return out
 
 
 def distilling_steps(temperature, weight, teacher_dir):
@@ -467,11 +491,11 @@ def _recollect_bn_statistics(model, train_data, batch_size):
         layer.momentum = BN_MOMENTUM
 
 
-def train_one(variant, seed, out, data_dir):
+def train_one(variant, seed, out, data_dir, validation):
     from kernorm.train import train
 
     _apply(VARIANTS[variant], out)
-    train(config_of(variant, seed, out, data_dir), verbose=False)  # resumes an unfinished run
+    train(config_of(variant, seed, out, data_dir, validation), verbose=False)  # resumes an unfinished run
 
 
 def main():
@@ -481,6 +505,8 @@ def main():
     parser.add_argument("--out", default=os.path.join("sweeps", "tiny-variants"))
     parser.add_argument("--data-dir", default=os.environ.get("KERNORM_DATA_DIR"))
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--validation", type=int, default=10000,
+                        help="training images held out to judge on; 0 trains on all and judges on the test set")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child process: one run
     args = parser.parse_args()
     variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
@@ -488,13 +514,14 @@ def main():
     if unknown:
         sys.exit(f"unknown variant(s) {', '.join(unknown)}; choose of {', '.join(VARIANTS)}")
     if args.one:
-        return train_one(variants[0], seeds[0], args.out, args.data_dir)
+        return train_one(variants[0], seeds[0], args.out, args.data_dir, args.validation)
 
     from kernorm.rundir import load_run, why_not_reusable
 
     pending = [(v, s) for v in variants for s in seeds
-               if why_not_reusable(config_of(v, s, args.out, args.data_dir)) is not None]
-    child = [sys.executable, os.path.abspath(__file__), "--one", "--out", args.out] + (
+               if why_not_reusable(config_of(v, s, args.out, args.data_dir, args.validation)) is not None]
+    child = [sys.executable, os.path.abspath(__file__), "--one", "--out", args.out,
+             "--validation", str(args.validation)] + (
         ["--data-dir", args.data_dir] if args.data_dir else [])
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
         codes = list(pool.map(lambda run: subprocess.run(child + [run[0], "--seeds", str(run[1])]).returncode,
@@ -503,20 +530,22 @@ def main():
     if failed:
         sys.exit(f"run(s) {', '.join(failed)} failed (their errors are above); run the command again to resume them")
 
-    print("| variant | params | " + " | ".join(f"seed {s} val acc % (loss)" for s in seeds)
-          + " | mean val acc % | mean train acc % |")
+    judged = "val" if args.validation else "test"
+    print("| variant | params | " + " | ".join(f"seed {s} {judged} acc % (loss)" for s in seeds)
+          + f" | mean {judged} acc % | mean train acc % |")
     print("|---|---|" + "---|" * (len(seeds) + 2))
     from kernorm.data import load_mnist, split_validation
 
-    train_data, _ = split_validation(*load_mnist(args.data_dir)[0], VALIDATION)
+    train_data, _ = split_validation(*load_mnist(args.data_dir)[0], args.validation)
     # a variant's layers, for loading its model
     shared_conv_class(), residual_class(), channel_shuffle_class(), expanded_classes()
     for variant in variants:
-        runs = [load_run(config_of(variant, s, args.out, args.data_dir).run_dir) for s in seeds]
+        runs = [load_run(config_of(variant, s, args.out, args.data_dir, args.validation).run_dir) for s in seeds]
         finals = [run.history[-1] for run in runs]
-        cells = [f"{100 * row['val_acc']:.2f} ({row['val_loss']:.4f})" for row in finals]
-        mean = statistics.mean(100 * row["val_acc"] for row in finals)
-        fit = statistics.mean(training_accuracy(run, *train_data) for run in runs)
+        cells = [f"{100 * row[judged + '_acc']:.2f} ({row[judged + '_loss']:.4f})" for row in finals]
+        mean = statistics.mean(100 * row[judged + "_acc"] for row in finals)
+        images = deskewed(train_data[0]) if VARIANTS[variant].get("deskew") else train_data[0]
+        fit = statistics.mean(training_accuracy(run, images, train_data[1]) for run in runs)
         print(f"| {variant} | {runs[0].metrics['params']:,} | " + " | ".join(cells) + f" | {mean:.2f} | {fit:.2f} |")
 
 
