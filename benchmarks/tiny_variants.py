@@ -13,12 +13,12 @@ block 2's 1×1 convolutions grouped or its maps zero-padded, or its later convol
 several times; every kernel trained as a product of factors, the norm before the activation, batches of 64,
 distillation from `compact-teacher` (the compact preset on the same split, seed 1; train it first), or every
 image, training and test, deskewed. `zoom-over-budget` widens the network past 1,000 parameters and
-`zoom-60-epochs` trains it past 30 epochs, to see what capacity and time give. Only the zoom and deskewing
-beat the network they changed (docs/accuracy.md); the others are not options of kernorm, and this script
-keeps the search repeatable. Every run trains deterministically on the first 50,000 training images and is
-judged on the last 10,000 (`--validation 10000`), in OUT/<variant>-seed<seed>; a finished run there is
-reused. A variant chosen there is then tested with `--validation 0`: trained on all 60,000, judged on the
-test set (give it another OUT).
+`zoom-60-epochs` trains it past 30 epochs, to see what capacity and time give. Only the zoom beat the
+network it changed on both splits (deskewing on validation alone, docs/accuracy.md); the others are not
+options of kernorm, and this script keeps the search repeatable. Every run trains deterministically on the
+first 50,000 training images and is judged on the last 10,000 (`--validation 10000`), in
+OUT/<variant>-seed<seed>; a finished run there is reused. A variant chosen there is then tested with
+`--validation 0`: trained on all 60,000, judged on the test set (give it another OUT).
 
     python benchmarks/tiny_variants.py VARIANT[,VARIANT...] [--seeds 1,2,3] [--out sweeps/tiny-variants]
         [--data-dir DIR] [--jobs 2] [--validation 10000]
