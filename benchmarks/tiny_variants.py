@@ -11,13 +11,15 @@ now (`preset-zoom`, `--zoom 0.1`): a full conv at high resolution, residual conn
 L2 or peak learning rate, the last epochs trained on un-augmented images, the dense head replaced by a conv,
 block 2's 1×1 convolutions grouped or its maps zero-padded, or its later convolutions made one, applied
 several times; every kernel trained as a product of factors, the norm before the activation, batches of 64,
-distillation from `compact-teacher` (the compact preset on the same split, seed 1; train it first), or every
-image, training and test, deskewed. `zoom-over-budget` widens the network past 1,000 parameters and
-`zoom-60-epochs` trains it past 30 epochs, to see what capacity and time give. Only the zoom beat the
-network it changed on both splits (deskewing on validation alone, docs/accuracy.md); the others are not
-options of kernorm, and this script keeps the search repeatable. Every run trains deterministically on the
-first 50,000 training images and is judged on the last 10,000 (`--validation 10000`), in
-OUT/<variant>-seed<seed>; a finished run there is reused. A variant chosen there is then tested with
+distillation from `compact-teacher` (the compact preset on the same split, seed 1; train it first), every
+image, training and test, deskewed, a ReLU between each separable conv's depthwise and pointwise halves, the
+stem's map pooled at once into a block 2 of four convs (no block 1), or depthwise kernels shared by two, four
+or all of a conv's channels, with the parameters saved spent on width. `zoom-over-budget` widens the network
+past 1,000 parameters and `zoom-60-epochs` trains it past 30 epochs, to see what capacity and time give. Only
+the zoom beat the network it changed on both splits (deskewing on validation alone, docs/accuracy.md); the
+others are not options of kernorm, and this script keeps the search repeatable. Every run trains
+deterministically on the first 50,000 training images and is judged on the last 10,000 (`--validation 10000`),
+in OUT/<variant>-seed<seed>; a finished run there is reused. A variant chosen there is then tested with
 `--validation 0`: trained on all 60,000, judged on the test set (give it another OUT).
 
     python benchmarks/tiny_variants.py VARIANT[,VARIANT...] [--seeds 1,2,3] [--out sweeps/tiny-variants]
@@ -35,6 +37,7 @@ import os
 import statistics
 import subprocess
 import sys
+import types
 
 # name -> what it changes: "recipe" (fields of the `TrainConfig`), "layout" (stem, block1, block2), "full" (full
 # convs between stem and block1), "shared" (block 2 as one separable conv to C1 channels, then one separable conv
@@ -49,8 +52,10 @@ import sys
 # depthwise convs, each followed by a 1×1 conv to `width` channels in `groups` groups and a channel shuffle:
 # (width, groups)), "same_block2" (block 2's convs zero-padded to keep the 11×11 map), "expand" (every kernel
 # trained as a product of factors, `expand` times wider inside: `ExpandedConv`), "norm_first" (conv -> norm ->
-# activation), "distill" (the loss of `distilling_steps`: (temperature, weight)) and "deskew" (every image
-# `deskewed` before training and evaluation).
+# activation), "distill" (the loss of `distilling_steps`: (temperature, weight)), "deskew" (every image
+# `deskewed` before training and evaluation), "dw_activation" (a ReLU between each separable conv's depthwise
+# and pointwise halves) and "share_depthwise" (each depthwise kernel serves that many channels, None: all of them:
+# `SharedDepthwise`); a layout without block 1 pools the stem's map at once.
 VARIANTS = {
     "base": {},
     "no-scale": dict(scale=False),
@@ -91,6 +96,13 @@ VARIANTS = {
     "compact-teacher": dict(recipe=dict(architecture="compact", epochs=15, l2=2.5e-4)),
     "zoom-distilled": dict(recipe=dict(zoom=0.1), distill=(2.0, 0.5)),
     "zoom-deskewed": dict(recipe=dict(zoom=0.1), deskew=True),
+    "zoom-dw-relu": dict(recipe=dict(zoom=0.1), dw_activation=True),
+    "zoom-stem-pool": dict(recipe=dict(zoom=0.1), layout=(8, [], [10, 10, 10, 10])),
+    "zoom-stem-pool-l2-2.5e-4": dict(recipe=dict(zoom=0.1, l2=2.5e-4), layout=(8, [], [10, 10, 10, 10])),
+    "stem-pool-zoom-0.2": dict(recipe=dict(zoom=0.2), layout=(8, [], [10, 10, 10, 10])),
+    "zoom-dw-pairs": dict(recipe=dict(zoom=0.1), share_depthwise=2, layout=(4, [8, 9], [12, 12, 12])),
+    "zoom-dw-fours": dict(recipe=dict(zoom=0.1), share_depthwise=4, layout=(4, [10, 12], [12, 12, 12])),
+    "zoom-dw-one": dict(recipe=dict(zoom=0.1), share_depthwise=None, layout=(4, [11, 11], [13, 13, 13])),
 }
 def config_of(variant, seed, out, data_dir, validation):
     from kernorm.config import PRESETS
@@ -113,6 +125,10 @@ def _apply(changes, out):
 
     def tiny_layers(block):
         block = dict(block, activation=changes.get("activation", "relu"))
+        if not layout[1]:  # no block 1: the stem's map pooled at once
+            return [conv_block([layout[0]], name="stem", **block), keras.layers.AveragePooling2D(2, name="transition1"),
+                    conv_block(layout[2], separable=True, name="block2", **block),
+                    keras.layers.GlobalAveragePooling2D(name="pool")]
         stack = models._separable_layers(*layout)(block)
         layer = {k: v for k, v in block.items() if k != "dropout_layers"}  # conv_layer's arguments
         regularizer = models.kernel_regularizer(block["l1"], block["l2"])
@@ -159,20 +175,29 @@ def _apply(changes, out):
                 keras.Sequential([piece for width in block2 for piece in conv(width, True)], name="block2"),
                 keras.layers.GlobalAveragePooling2D(name="pool")]
     if changes.get("head") == "conv" or "expand" in changes:
-        class Layers:
-            def __getattr__(self, name):
-                return getattr(keras.layers, name)
+        def dense(units, **kwargs):
+            if "expand" in changes:  # the logits' kernel as a product of factors too
+                return ExpandedDense(units, changes["expand"], kwargs["kernel_regularizer"],
+                                     dtype=kwargs["dtype"], name=kwargs["name"])
+            # no dense layer: the head's averaged output is the logits
+            return keras.layers.Activation("linear", dtype=kwargs["dtype"], name=kwargs["name"])
 
-            @staticmethod
-            def Dense(units, **kwargs):
-                if "expand" in changes:  # the logits' kernel as a product of factors too
-                    return ExpandedDense(units, changes["expand"], kwargs["kernel_regularizer"],
-                                         dtype=kwargs["dtype"], name=kwargs["name"])
-                # no dense layer: the head's averaged output is the logits
-                return keras.layers.Activation("linear", dtype=kwargs["dtype"], name=kwargs["name"])
-
-        models.layers = Layers()
+        models.layers = keras_layers_with(Dense=dense)
     models.ARCHITECTURES["tiny"] = tiny_layers
+    if changes.get("dw_activation") or "share_depthwise" in changes:
+        SharedDepthwise = shared_depthwise_class()
+
+        def separable(filters, kernel_size, padding, use_bias, depthwise_regularizer, pointwise_regularizer):
+            if "share_depthwise" in changes:  # each 3×3 kernel serves `share_depthwise` channels (None: all)
+                depthwise = [SharedDepthwise(kernel_size, changes["share_depthwise"], padding, depthwise_regularizer)]
+            else:  # a ReLU between each separable conv's depthwise and pointwise halves
+                depthwise = [keras.layers.DepthwiseConv2D(kernel_size, padding=padding, use_bias=use_bias,
+                                                          depthwise_regularizer=depthwise_regularizer),
+                             keras.layers.Activation("relu")]
+            return keras.Sequential(depthwise + [
+                keras.layers.Conv2D(filters, 1, use_bias=use_bias, kernel_regularizer=pointwise_regularizer)])
+
+        kernorm_layers.layers = keras_layers_with(SeparableConv2D=separable)
     if changes.get("norm_first"):  # conv -> norm -> activation: the norm's β sets each channel's threshold
         create_norm_layer = kernorm_layers.create_norm_layer
 
@@ -248,6 +273,14 @@ def _apply(changes, out):
         train._train_epoch = train_and_average
 
 
+def keras_layers_with(**replaced):
+    """`keras.layers` with the layers named in `replaced` replaced by its functions, for a module of kernorm to
+    build from in place of its `layers` (e.g. `Dense=...`)."""
+    import keras
+
+    return types.SimpleNamespace(**{**{name: getattr(keras.layers, name) for name in dir(keras.layers)}, **replaced})
+
+
 def shared_conv_class():
     """`SharedConv`, defined once Keras is imported (in a process that trains or loads a variant)."""
     import keras
@@ -306,6 +339,42 @@ def residual_class():
                     "layer": self.layer}
 
     return Residual
+
+
+def shared_depthwise_class():
+    """`SharedDepthwise`, defined once Keras is imported (in a process that trains or loads a variant)."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="tiny_variants")
+    class SharedDepthwise(keras.layers.Layer):
+        """A depthwise conv whose channels share their kernels: channel c is filtered by kernel c // `share`
+        (every channel by one kernel when `share` is None), so it trains ⌈C / share⌉ kernels in place of C.
+        Initialized as Keras's `DepthwiseConv2D`. Input `(batch, H, W, C)`, output `(batch, H', W', C)`."""
+
+        def __init__(self, kernel_size, share, padding, regularizer, **kwargs):
+            super().__init__(**kwargs)
+            self.kernel_size, self.share, self.padding = kernel_size, share, padding
+            self.regularizer = keras.regularizers.get(regularizer)
+
+        def build(self, input_shape):
+            channels = input_shape[-1]
+            share = self.share or channels
+            self.index = [c // share for c in range(channels)]
+            full = (self.kernel_size, self.kernel_size, channels, 1)
+            self.kernel = self.add_weight(
+                shape=(self.kernel_size, self.kernel_size, -(-channels // share), 1),
+                initializer=lambda shape, dtype: keras.initializers.GlorotUniform()(full, dtype)[:, :, :shape[2]],
+                regularizer=self.regularizer, name="kernel")
+
+        def call(self, x):
+            kernel = keras.ops.take(self.kernel, self.index, axis=2)
+            return keras.ops.depthwise_conv(x, kernel, strides=1, padding=self.padding)
+
+        def get_config(self):
+            return {**super().get_config(), "kernel_size": self.kernel_size, "share": self.share,
+                    "padding": self.padding, "regularizer": keras.regularizers.serialize(self.regularizer)}
+
+    return SharedDepthwise
 
 
 def channel_shuffle_class():
@@ -538,7 +607,7 @@ def main():
 
     train_data, _ = split_validation(*load_mnist(args.data_dir)[0], args.validation)
     # a variant's layers, for loading its model
-    shared_conv_class(), residual_class(), channel_shuffle_class(), expanded_classes()
+    shared_conv_class(), residual_class(), channel_shuffle_class(), expanded_classes(), shared_depthwise_class()
     for variant in variants:
         runs = [load_run(config_of(variant, s, args.out, args.data_dir, args.validation).run_dir) for s in seeds]
         finals = [run.history[-1] for run in runs]
