@@ -103,6 +103,8 @@ VARIANTS = {
     "zoom-dw-pairs": dict(recipe=dict(zoom=0.1), share_depthwise=2, layout=(4, [8, 9], [12, 12, 12])),
     "zoom-dw-fours": dict(recipe=dict(zoom=0.1), share_depthwise=4, layout=(4, [10, 12], [12, 12, 12])),
     "zoom-dw-one": dict(recipe=dict(zoom=0.1), share_depthwise=None, layout=(4, [11, 11], [13, 13, 13])),
+    "zoom-max-head": dict(recipe=dict(zoom=0.1), head_pool="max"),
+    "zoom-avg-max-head": dict(recipe=dict(zoom=0.1), head_pool="avg-max"),
 }
 def config_of(variant, seed, out, data_dir, validation):
     from kernorm.config import PRESETS
@@ -150,6 +152,8 @@ def _apply(changes, out):
                 name="block2")
         if changes.get("pool") == "max":  # the transition: [conv_block stem, block1, transition, ...]
             stack[2] = keras.layers.MaxPooling2D(2, name="transition1")
+        if "head_pool" in changes:  # the last: [..., block2, pool]
+            stack[-1] = GlobalPool(changes["head_pool"], name="pool")
         if "full" in changes:
             stack.insert(1, conv_block(changes["full"], name="full", **block))
         if changes.get("head") == "conv":  # the logits: a linear separable conv to 10 channels, averaged
@@ -160,6 +164,7 @@ def _apply(changes, out):
         return stack
 
     SharedConv, Residual, ChannelShuffle = shared_conv_class(), residual_class(), channel_shuffle_class()
+    GlobalPool = global_pool_class()
     ExpandedConv, ExpandedDense = expanded_classes()
 
     def expanded_layers(layout, rate, block):
@@ -375,6 +380,29 @@ def shared_depthwise_class():
                     "padding": self.padding, "regularizer": keras.regularizers.serialize(self.regularizer)}
 
     return SharedDepthwise
+
+
+def global_pool_class():
+    """`GlobalPool`, defined once Keras is imported (in a process that trains or loads a variant)."""
+    import keras
+
+    @keras.saving.register_keras_serializable(package="tiny_variants")
+    class GlobalPool(keras.layers.Layer):
+        """Each channel's maximum over the map (`kind` "max"), or the mean of its maximum and its average
+        ("avg-max"). Input `(batch, H, W, C)`, output `(batch, C)`."""
+
+        def __init__(self, kind, **kwargs):
+            super().__init__(**kwargs)
+            self.kind = kind
+
+        def call(self, x):
+            top = keras.ops.max(x, axis=(1, 2))
+            return top if self.kind == "max" else (top + keras.ops.mean(x, axis=(1, 2))) / 2
+
+        def get_config(self):
+            return {**super().get_config(), "kind": self.kind}
+
+    return GlobalPool
 
 
 def channel_shuffle_class():
@@ -607,7 +635,8 @@ def main():
 
     train_data, _ = split_validation(*load_mnist(args.data_dir)[0], args.validation)
     # a variant's layers, for loading its model
-    shared_conv_class(), residual_class(), channel_shuffle_class(), expanded_classes(), shared_depthwise_class()
+    shared_conv_class(), residual_class(), channel_shuffle_class(), expanded_classes(), shared_depthwise_class(),
+    global_pool_class()
     for variant in variants:
         runs = [load_run(config_of(variant, s, args.out, args.data_dir, args.validation).run_dir) for s in seeds]
         finals = [run.history[-1] for run in runs]
