@@ -14,13 +14,13 @@ several times; every kernel trained as a product of factors, the norm before the
 distillation from `compact-teacher` (the compact preset on the same split, seed 1; train it first), every
 image, training and test, deskewed, a ReLU between each separable conv's depthwise and pointwise halves, the
 stem's map pooled at once into a block 2 of four convs (no block 1), or depthwise kernels shared by two, four
-or all of a conv's channels, with the parameters saved spent on width. `zoom-over-budget` widens the network
-past 1,000 parameters and `zoom-60-epochs` trains it past 30 epochs, to see what capacity and time give. Only
-the zoom beat the network it changed on both splits (deskewing on validation alone, docs/accuracy.md); the
-others are not options of kernorm, and this script keeps the search repeatable. Every run trains
-deterministically on the first 50,000 training images and is judged on the last 10,000 (`--validation 10000`),
-in OUT/<variant>-seed<seed>; a finished run there is reused. A variant chosen there is then tested with
-`--validation 0`: trained on all 60,000, judged on the test set (give it another OUT).
+or all of a conv's channels, with the parameters saved spent on width, or a global maximum in the head.
+`zoom-over-budget` widens the network past 1,000 parameters and `zoom-60-epochs` trains it past 30 epochs, to
+see what capacity and time give. Only the zoom beat the network it changed on both splits (deskewing on
+validation alone, docs/accuracy.md); the others are not options of kernorm, and this script keeps the search
+repeatable. Every run trains deterministically on the first 50,000 training images and is judged on the last
+10,000 (`--validation 10000`), in OUT/<variant>-seed<seed>; a finished run there is reused. A variant chosen
+there is then tested with `--validation 0`: trained on all 60,000, judged on the test set (give it another OUT).
 
     python benchmarks/tiny_variants.py VARIANT[,VARIANT...] [--seeds 1,2,3] [--out sweeps/tiny-variants]
         [--data-dir DIR] [--jobs 2] [--validation 10000]
@@ -54,8 +54,9 @@ import types
 # trained as a product of factors, `expand` times wider inside: `ExpandedConv`), "norm_first" (conv -> norm ->
 # activation), "distill" (the loss of `distilling_steps`: (temperature, weight)), "deskew" (every image
 # `deskewed` before training and evaluation), "dw_activation" (a ReLU between each separable conv's depthwise
-# and pointwise halves) and "share_depthwise" (each depthwise kernel serves that many channels, None: all of them:
-# `SharedDepthwise`); a layout without block 1 pools the stem's map at once.
+# and pointwise halves), "share_depthwise" (each depthwise kernel serves that many channels, None: all of them:
+# `SharedDepthwise`) and "head_pool" (`GlobalPool`'s "max" or "avg-max" in place of the global average); a layout
+# without block 1 pools the stem's map at once.
 VARIANTS = {
     "base": {},
     "no-scale": dict(scale=False),
