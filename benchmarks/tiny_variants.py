@@ -14,8 +14,9 @@ several times; every kernel trained as a product of factors, the norm before the
 distillation from `compact-teacher` (the compact preset on the same split, seed 1; train it first), every
 image, training and test, deskewed, a ReLU between each separable conv's depthwise and pointwise halves, the
 stem's map pooled at once into a block 2 of four convs (no block 1), or depthwise kernels shared by two, four
-or all of a conv's channels, with the parameters saved spent on width, or a global maximum in the head.
-`zoom-over-budget` widens the network past 1,000 parameters and `zoom-60-epochs` trains it past 30 epochs, to
+or all of a conv's channels, with the parameters saved spent on width, a global maximum in the head, block 2's
+kernels dilated in place of the pool before it, a higher peak learning rate, batches of 256, or more L2.
+`zoom-over-budget…` widen the network past 1,000 parameters and `zoom-60-epochs` trains it past 30 epochs, to
 see what capacity and time give. Only the zoom beat the network it changed on both splits (deskewing on
 validation alone, docs/accuracy.md); the others are not options of kernorm, and this script keeps the search
 repeatable. Every run trains deterministically on the first 50,000 training images and is judged on the last
@@ -55,7 +56,8 @@ import types
 # activation), "distill" (the loss of `distilling_steps`: (temperature, weight)), "deskew" (every image
 # `deskewed` before training and evaluation), "dw_activation" (a ReLU between each separable conv's depthwise
 # and pointwise halves), "share_depthwise" (each depthwise kernel serves that many channels, None: all of them:
-# `SharedDepthwise`) and "head_pool" (`GlobalPool`'s "max" or "avg-max" in place of the global average); a layout
+# `SharedDepthwise`), "head_pool" (`GlobalPool`'s "max" or "avg-max" in place of the global average) and
+# "dilated" (no pool between the blocks: block 2's 3×3 kernels dilated by 2 keep its receptive field); a layout
 # without block 1 pools the stem's map at once.
 VARIANTS = {
     "base": {},
@@ -87,7 +89,10 @@ VARIANTS = {
     "zoom-conv-head": dict(recipe=dict(zoom=0.1), layout=(4, [8, 8], [12, 12]), head="conv"),
     "zoom-grouped": dict(recipe=dict(zoom=0.1), grouped=(12, 2)),
     "zoom-same-block2": dict(recipe=dict(zoom=0.1), same_block2=True),
-    "zoom-over-budget": dict(recipe=dict(zoom=0.1), layout=(4, [8, 10], [12, 12, 12])),  # 1,216: a capacity probe
+    # over the budget, probes of what capacity gives: 1,037, 1,097 and 1,218 parameters
+    "zoom-over-budget-1037": dict(recipe=dict(zoom=0.1), layout=(4, [8, 8], [10, 11, 11])),
+    "zoom-over-budget-1097": dict(recipe=dict(zoom=0.1), layout=(4, [8, 9], [11, 11, 11])),
+    "zoom-over-budget": dict(recipe=dict(zoom=0.1), layout=(4, [8, 10], [12, 12, 12])),
     "zoom-expanded": dict(recipe=dict(zoom=0.1), expand=4),
     "zoom-expanded-lr-0.05": dict(recipe=dict(zoom=0.1, lr=0.05), expand=4),
     "zoom-norm-first": dict(recipe=dict(zoom=0.1), norm_first=True),
@@ -106,6 +111,10 @@ VARIANTS = {
     "zoom-dw-one": dict(recipe=dict(zoom=0.1), share_depthwise=None, layout=(4, [11, 11], [13, 13, 13])),
     "zoom-max-head": dict(recipe=dict(zoom=0.1), head_pool="max"),
     "zoom-avg-max-head": dict(recipe=dict(zoom=0.1), head_pool="avg-max"),
+    "zoom-lr-0.2": dict(recipe=dict(zoom=0.1, lr=0.2)),
+    "zoom-l2-2e-4": dict(recipe=dict(zoom=0.1, l2=2e-4)),
+    "zoom-batch-256": dict(recipe=dict(zoom=0.1, batch_size=256, lr=0.2)),
+    "zoom-dilated": dict(recipe=dict(zoom=0.1), dilated=True),
 }
 def config_of(variant, seed, out, data_dir, validation):
     from kernorm.config import PRESETS
@@ -149,6 +158,13 @@ def _apply(changes, out):
                 keras.layers.DepthwiseConv2D(3, use_bias=False, depthwise_regularizer=regularizer),
                 keras.layers.Conv2D(width, 1, groups=groups, use_bias=False, kernel_regularizer=regularizer),
                 ChannelShuffle(groups),
+                norms.create_norm_layer(block["norm"], width, block["groups"], block["sync_bn"], "relu"))],
+                name="block2")
+        if changes.get("dilated"):  # no pool: block 2 on the 22×22 map, its 3×3 kernels dilated by 2
+            stack[2] = keras.layers.Identity(name="transition1")
+            stack[3] = keras.Sequential([piece for width in layout[2] for piece in (
+                keras.layers.SeparableConv2D(width, 3, dilation_rate=2, use_bias=False,
+                                             depthwise_regularizer=regularizer, pointwise_regularizer=regularizer),
                 norms.create_norm_layer(block["norm"], width, block["groups"], block["sync_bn"], "relu"))],
                 name="block2")
         if changes.get("pool") == "max":  # the transition: [conv_block stem, block1, transition, ...]
