@@ -15,7 +15,9 @@ distillation from `compact-teacher` (the compact preset on the same split, seed 
 image, training and test, deskewed, a ReLU between each separable conv's depthwise and pointwise halves, the
 stem's map pooled at once into a block 2 of four convs (no block 1), or depthwise kernels shared by two, four
 or all of a conv's channels, with the parameters saved spent on width, a global maximum in the head, block 2's
-kernels dilated in place of the pool before it, a higher peak learning rate, batches of 256, or more L2.
+kernels dilated in place of the pool before it, a higher peak learning rate, batches of 256, more L2, block 2's
+last BN without the γ and β the dense layer could absorb (and with the parameters saved spent on width, the
+dense layer without its bias), or distillation at a higher temperature.
 `zoom-over-budget…` widen the network past 1,000 parameters and `zoom-60-epochs` trains it past 30 epochs, to
 see what capacity and time give. Only the zoom beat the network it changed on both splits (deskewing on
 validation alone, docs/accuracy.md); the others are not options of kernorm, and this script keeps the search
@@ -57,7 +59,8 @@ import types
 # `deskewed` before training and evaluation), "dw_activation" (a ReLU between each separable conv's depthwise
 # and pointwise halves), "share_depthwise" (each depthwise kernel serves that many channels, None: all of them:
 # `SharedDepthwise`), "head_pool" (`GlobalPool`'s "max" or "avg-max" in place of the global average) and
-# "dilated" (no pool between the blocks: block 2's 3×3 kernels dilated by 2 keep its receptive field); a layout
+# "dilated" (no pool between the blocks: block 2's 3×3 kernels dilated by 2 keep its receptive field),
+# "lean_head" (block 2's last BN without γ and β) and "logit_bias" (False: the dense layer without bias); a layout
 # without block 1 pools the stem's map at once.
 VARIANTS = {
     "base": {},
@@ -89,9 +92,9 @@ VARIANTS = {
     "zoom-conv-head": dict(recipe=dict(zoom=0.1), layout=(4, [8, 8], [12, 12]), head="conv"),
     "zoom-grouped": dict(recipe=dict(zoom=0.1), grouped=(12, 2)),
     "zoom-same-block2": dict(recipe=dict(zoom=0.1), same_block2=True),
-    # over the budget, probes of what capacity gives: 1,037, 1,097 and 1,218 parameters
-    "zoom-over-budget-1037": dict(recipe=dict(zoom=0.1), layout=(4, [8, 8], [10, 11, 11])),
-    "zoom-over-budget-1097": dict(recipe=dict(zoom=0.1), layout=(4, [8, 9], [11, 11, 11])),
+    # over the budget, probes of what capacity gives: 1,036, 1,096 and 1,216 parameters
+    "zoom-over-budget-1036": dict(recipe=dict(zoom=0.1), layout=(4, [8, 8], [10, 11, 11])),
+    "zoom-over-budget-1096": dict(recipe=dict(zoom=0.1), layout=(4, [8, 9], [11, 11, 11])),
     "zoom-over-budget": dict(recipe=dict(zoom=0.1), layout=(4, [8, 10], [12, 12, 12])),
     "zoom-expanded": dict(recipe=dict(zoom=0.1), expand=4),
     "zoom-expanded-lr-0.05": dict(recipe=dict(zoom=0.1, lr=0.05), expand=4),
@@ -101,6 +104,7 @@ VARIANTS = {
     # `--preset compact` on the same split, the teacher `zoom-distilled` learns from (train it first)
     "compact-teacher": dict(recipe=dict(architecture="compact", epochs=15, l2=2.5e-4)),
     "zoom-distilled": dict(recipe=dict(zoom=0.1), distill=(2.0, 0.5)),
+    "zoom-distilled-t4": dict(recipe=dict(zoom=0.1), distill=(4.0, 0.9)),
     "zoom-deskewed": dict(recipe=dict(zoom=0.1), deskew=True),
     "zoom-dw-relu": dict(recipe=dict(zoom=0.1), dw_activation=True),
     "zoom-stem-pool": dict(recipe=dict(zoom=0.1), layout=(8, [], [10, 10, 10, 10])),
@@ -115,6 +119,9 @@ VARIANTS = {
     "zoom-l2-2e-4": dict(recipe=dict(zoom=0.1, l2=2e-4)),
     "zoom-batch-256": dict(recipe=dict(zoom=0.1, batch_size=256, lr=0.2)),
     "zoom-dilated": dict(recipe=dict(zoom=0.1), dilated=True),
+    "zoom-lean-head": dict(recipe=dict(zoom=0.1), lean_head=True),
+    "zoom-lean-head-12": dict(recipe=dict(zoom=0.1), lean_head=True, logit_bias=False,
+                              layout=(4, [8, 8], [10, 10, 12])),
 }
 def config_of(variant, seed, out, data_dir, validation):
     from kernorm.config import PRESETS
@@ -167,6 +174,13 @@ def _apply(changes, out):
                                              depthwise_regularizer=regularizer, pointwise_regularizer=regularizer),
                 norms.create_norm_layer(block["norm"], width, block["groups"], block["sync_bn"], "relu"))],
                 name="block2")
+        if changes.get("lean_head"):  # block 2's last BN without γ and β, which the dense layer absorbs
+            *first, last = layout[2]
+            stack[3] = keras.Sequential(
+                [piece for width in first for piece in conv_layer(width, separable=True, **layer)]
+                + conv_layer(last, separable=True, **layer)[:1]
+                + [norms.BatchNorm(momentum=norms.BN_MOMENTUM, epsilon=norms.EPSILON, input_activation="relu",
+                                   center=False, scale=False)], name="block2")
         if changes.get("pool") == "max":  # the transition: [conv_block stem, block1, transition, ...]
             stack[2] = keras.layers.MaxPooling2D(2, name="transition1")
         if "head_pool" in changes:  # the last: [..., block2, pool]
@@ -196,6 +210,9 @@ def _apply(changes, out):
                 keras.layers.AveragePooling2D(2, name="transition1"),
                 keras.Sequential([piece for width in block2 for piece in conv(width, True)], name="block2"),
                 keras.layers.GlobalAveragePooling2D(name="pool")]
+    if changes.get("logit_bias") is False:  # the dense layer without its bias
+        models.layers = keras_layers_with(Dense=lambda units, **kwargs: keras.layers.Dense(units, use_bias=False,
+                                                                                          **kwargs))
     if changes.get("head") == "conv" or "expand" in changes:
         def dense(units, **kwargs):
             if "expand" in changes:  # the logits' kernel as a product of factors too
