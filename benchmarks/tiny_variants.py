@@ -60,7 +60,8 @@ import types
 # and pointwise halves), "share_depthwise" (each depthwise kernel serves that many channels, None: all of them:
 # `SharedDepthwise`), "head_pool" (`GlobalPool`'s "max" or "avg-max" in place of the global average) and
 # "dilated" (no pool between the blocks: block 2's 3×3 kernels dilated by 2 keep its receptive field),
-# "lean_head" (block 2's last BN without γ and β) and "logit_bias" (False: the dense layer without bias); a layout
+# "lean_head" (block 2's last BN without γ and β), "logit_bias" (False: the dense layer without bias) and
+# "elastic" (each augmented image then distorted by `elastic` (alpha, sigma)); a layout
 # without block 1 pools the stem's map at once.
 VARIANTS = {
     "base": {},
@@ -119,6 +120,8 @@ VARIANTS = {
     "zoom-l2-2e-4": dict(recipe=dict(zoom=0.1, l2=2e-4)),
     "zoom-batch-256": dict(recipe=dict(zoom=0.1, batch_size=256, lr=0.2)),
     "zoom-dilated": dict(recipe=dict(zoom=0.1), dilated=True),
+    "zoom-elastic-20": dict(recipe=dict(zoom=0.1), elastic=(20.0, 4.0)),
+    "zoom-elastic-34": dict(recipe=dict(zoom=0.1), elastic=(34.0, 4.0)),
     "zoom-lean-head": dict(recipe=dict(zoom=0.1), lean_head=True),
     "zoom-lean-head-12": dict(recipe=dict(zoom=0.1), lean_head=True, logit_bias=False,
                               layout=(4, [8, 8], [10, 10, 12])),
@@ -277,6 +280,14 @@ def _apply(changes, out):
             return rotate_and_shift(zoomed, seed)
 
         data.augment = zoom_then_augment
+    if "elastic" in changes:
+        rotate_shift_and_zoom = data.augment
+
+        def augment_then_distort(images, seed, zoom=0.0):
+            return elastic(rotate_shift_and_zoom(images, seed, zoom), tf.random.experimental.stateless_fold_in(seed, 2),
+                           *changes["elastic"])
+
+        data.augment = augment_then_distort
     if changes.get("deskew"):  # every image, training and test, deskewed before the network sees it
         load_mnist = train.load_mnist
 
@@ -310,6 +321,30 @@ def _apply(changes, out):
             return result
 
         train._train_epoch = train_and_average
+
+
+def elastic(images, seed, alpha, sigma):
+    """Each image of `images` (N, H, W, 1) distorted elastically (Simard et al. 2003): every pixel reads the
+    nearest input pixel displaced by a field of uniform noise in ±1, smoothed by a Gaussian of `sigma` pixels
+    and scaled by `alpha`; 0 from outside the image."""
+    import tensorflow as tf
+
+    shape = tf.shape(images)
+    n, height, width = shape[0], shape[1], shape[2]
+    radius = int(2 * sigma)
+    taps = tf.exp(-tf.range(-radius, radius + 1, dtype=tf.float32) ** 2 / (2 * sigma ** 2))
+    kernel = tf.tensordot(taps, taps, axes=0) / tf.reduce_sum(taps) ** 2
+    noise = tf.random.stateless_uniform([n, height, width, 2], seed, -1.0, 1.0)
+    field = alpha * tf.nn.depthwise_conv2d(noise, tf.tile(kernel[:, :, None, None], [1, 1, 2, 1]), [1, 1, 1, 1],
+                                           "SAME")
+    rows, cols = tf.meshgrid(tf.range(height), tf.range(width), indexing="ij")
+    y = tf.cast(rows, tf.float32)[None] + field[..., 0]
+    x = tf.cast(cols, tf.float32)[None] + field[..., 1]
+    y, x = tf.cast(tf.round(y), tf.int32), tf.cast(tf.round(x), tf.int32)
+    inside = (y >= 0) & (y < height) & (x >= 0) & (x < width)
+    batch = tf.broadcast_to(tf.range(n)[:, None, None], tf.shape(y))
+    index = tf.stack([batch, tf.clip_by_value(y, 0, height - 1), tf.clip_by_value(x, 0, width - 1)], axis=-1)
+    return tf.where(inside[..., None], tf.gather_nd(images, index), 0.0)
 
 
 def keras_layers_with(**replaced):
