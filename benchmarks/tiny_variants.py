@@ -52,7 +52,8 @@ import types
 # "augment_probability", "rotation" (degrees), "zoom" (a scaling by 1 ± up to `zoom` before the rotation and
 # shift), "optimizer" ("adam" in place of SGD with momentum), "residual" (block 2's convs add their input where
 # the channels match), "clean_from" (the first epoch trained on un-augmented images), "head" ("conv": a linear
-# separable conv to the 10 classes, averaged, in place of the dense layer), "grouped" (block 2 as three
+# separable conv to the 10 classes, averaged, in place of the dense layer; "gap": no dense layer, block 2's last
+# conv has a channel for each class, whose normed average is its logit), "grouped" (block 2 as three
 # depthwise convs, each followed by a 1×1 conv to `width` channels in `groups` groups and a channel shuffle:
 # (width, groups)), "same_block2" (block 2's convs zero-padded to keep the 11×11 map), "expand" (every kernel
 # trained as a product of factors, `expand` times wider inside: `ExpandedConv`), "norm_first" (conv -> norm ->
@@ -123,6 +124,8 @@ VARIANTS = {
     "zoom-dilated": dict(recipe=dict(zoom=0.1), dilated=True),
     "zoom-elastic-20": dict(recipe=dict(zoom=0.1), elastic=(20.0, 4.0)),
     "zoom-elastic-34": dict(recipe=dict(zoom=0.1), elastic=(34.0, 4.0)),
+    "zoom-gap-head": dict(recipe=dict(zoom=0.1), head="gap", layout=(4, [8, 8], [12, 12, 10])),
+    "zoom-gap-head-wide-early": dict(recipe=dict(zoom=0.1), head="gap", layout=(4, [8, 10], [11, 11, 10])),
     "zoom-lean-head": dict(recipe=dict(zoom=0.1), lean_head=True),
     "zoom-lean-head-12": dict(recipe=dict(zoom=0.1), lean_head=True, logit_bias=False,
                               layout=(4, [8, 8], [10, 10, 12])),
@@ -217,7 +220,7 @@ def _apply(changes, out):
     if changes.get("logit_bias") is False:  # the dense layer without its bias
         models.layers = keras_layers_with(Dense=lambda units, **kwargs: keras.layers.Dense(units, use_bias=False,
                                                                                           **kwargs))
-    if changes.get("head") == "conv" or "expand" in changes:
+    if changes.get("head") in ("conv", "gap") or "expand" in changes:
         def dense(units, **kwargs):
             if "expand" in changes:  # the logits' kernel as a product of factors too
                 return ExpandedDense(units, changes["expand"], kwargs["kernel_regularizer"],
