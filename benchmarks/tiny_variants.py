@@ -63,7 +63,9 @@ import types
 # `SharedDepthwise`), "head_pool" (`GlobalPool`'s "max" or "avg-max" in place of the global average) and
 # "dilated" (no pool between the blocks: block 2's 3×3 kernels dilated by 2 keep its receptive field),
 # "lean_head" (block 2's last BN without γ and β), "logit_bias" (False: the dense layer without bias) and
-# "elastic" (each augmented image then distorted by `elastic` (alpha, sigma)); a layout
+# "elastic" (each augmented image then distorted by `elastic` (alpha, sigma)), "dw_rank1" (each depthwise 3×3
+# kernel as a 3×1 kernel then a 1×3 one: rank 1, 6 parameters in place of 9, as EffNet's), "nesterov" (SGD's
+# Nesterov momentum) and "warmup" (the fraction of the one-cycle schedule's steps that warm up); a layout
 # without block 1 pools the stem's map at once.
 VARIANTS = {
     "base": {},
@@ -129,6 +131,12 @@ VARIANTS = {
     "zoom-lean-head": dict(recipe=dict(zoom=0.1), lean_head=True),
     "zoom-lean-head-12": dict(recipe=dict(zoom=0.1), lean_head=True, logit_bias=False,
                               layout=(4, [8, 8], [10, 10, 12])),
+    "zoom-dw-rank1": dict(recipe=dict(zoom=0.1), dw_rank1=True),
+    "zoom-dw-rank1-wide": dict(recipe=dict(zoom=0.1), dw_rank1=True, layout=(4, [8, 9], [11, 11, 11])),
+    "zoom-dw-rank1-wider": dict(recipe=dict(zoom=0.1), dw_rank1=True, layout=(4, [8, 8], [12, 12, 11])),
+    "zoom-nesterov": dict(recipe=dict(zoom=0.1), nesterov=True),
+    "zoom-momentum-0.95": dict(recipe=dict(zoom=0.1, momentum=0.95)),
+    "zoom-warmup-0.05": dict(recipe=dict(zoom=0.1), warmup=0.05),
 }
 def config_of(variant, seed, out, data_dir, validation):
     from kernorm.config import PRESETS
@@ -143,7 +151,7 @@ def _apply(changes, out):
     import keras
     import tensorflow as tf
 
-    from kernorm import data, models, norms, train
+    from kernorm import data, models, norms, steps, train
     from kernorm import layers as kernorm_layers
     from kernorm.layers import conv_block, conv_layer
 
@@ -230,12 +238,16 @@ def _apply(changes, out):
 
         models.layers = keras_layers_with(Dense=dense)
     models.ARCHITECTURES["tiny"] = tiny_layers
-    if changes.get("dw_activation") or "share_depthwise" in changes:
+    if changes.get("dw_activation") or "share_depthwise" in changes or changes.get("dw_rank1"):
         SharedDepthwise = shared_depthwise_class()
 
         def separable(filters, kernel_size, padding, use_bias, depthwise_regularizer, pointwise_regularizer):
             if "share_depthwise" in changes:  # each 3×3 kernel serves `share_depthwise` channels (None: all)
                 depthwise = [SharedDepthwise(kernel_size, changes["share_depthwise"], padding, depthwise_regularizer)]
+            elif changes.get("dw_rank1"):  # the 3×3 kernel as a 3×1 kernel then a 1×3 one
+                depthwise = [keras.layers.DepthwiseConv2D(shape, padding=padding, use_bias=use_bias,
+                                                          depthwise_regularizer=depthwise_regularizer)
+                             for shape in ((kernel_size, 1), (1, kernel_size))]
             else:  # a ReLU between each separable conv's depthwise and pointwise halves
                 depthwise = [keras.layers.DepthwiseConv2D(kernel_size, padding=padding, use_bias=use_bias,
                                                           depthwise_regularizer=depthwise_regularizer),
@@ -258,6 +270,11 @@ def _apply(changes, out):
             input_activation=input_activation, scale=False)
     if changes.get("optimizer") == "adam":
         train.keras.optimizers.SGD = lambda learning_rate, momentum: keras.optimizers.Adam(learning_rate)
+    if changes.get("nesterov"):
+        sgd = keras.optimizers.SGD  # the module train builds from is Keras's own: keep the class before replacing it
+        train.keras.optimizers.SGD = lambda learning_rate, momentum: sgd(learning_rate, momentum, nesterov=True)
+    if "warmup" in changes:
+        steps.WARMUP_FRACTION = changes["warmup"]
     if "rotation" in changes:
         data.MAX_ROTATION_DEGREES = changes["rotation"]
     if "augment_probability" in changes:
