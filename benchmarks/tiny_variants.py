@@ -65,7 +65,8 @@ import types
 # "lean_head" (block 2's last BN without γ and β), "logit_bias" (False: the dense layer without bias) and
 # "elastic" (each augmented image then distorted by `elastic` (alpha, sigma)), "dw_rank1" (each depthwise 3×3
 # kernel as a 3×1 kernel then a 1×3 one: rank 1, 6 parameters in place of 9, as EffNet's), "nesterov" (SGD's
-# Nesterov momentum) and "warmup" (the fraction of the one-cycle schedule's steps that warm up); a layout
+# Nesterov momentum), "warmup" (the fraction of the one-cycle schedule's steps that warm up) and "shift" (each
+# depthwise conv replaced by `Shift`: no parameters); a layout
 # without block 1 pools the stem's map at once.
 VARIANTS = {
     "base": {},
@@ -137,6 +138,7 @@ VARIANTS = {
     "zoom-nesterov": dict(recipe=dict(zoom=0.1), nesterov=True),
     "zoom-momentum-0.95": dict(recipe=dict(zoom=0.1, momentum=0.95)),
     "zoom-warmup-0.05": dict(recipe=dict(zoom=0.1), warmup=0.05),
+    "zoom-shift": dict(recipe=dict(zoom=0.1), shift=True, layout=(4, [10, 10], [14, 14, 14])),
 }
 def config_of(variant, seed, out, data_dir, validation):
     from kernorm.config import PRESETS
@@ -238,12 +240,14 @@ def _apply(changes, out):
 
         models.layers = keras_layers_with(Dense=dense)
     models.ARCHITECTURES["tiny"] = tiny_layers
-    if changes.get("dw_activation") or "share_depthwise" in changes or changes.get("dw_rank1"):
-        SharedDepthwise = shared_depthwise_class()
+    if changes.get("dw_activation") or "share_depthwise" in changes or changes.get("dw_rank1") or changes.get("shift"):
+        SharedDepthwise, Shift = shared_depthwise_class(), shift_class()
 
         def separable(filters, kernel_size, padding, use_bias, depthwise_regularizer, pointwise_regularizer):
             if "share_depthwise" in changes:  # each 3×3 kernel serves `share_depthwise` channels (None: all)
                 depthwise = [SharedDepthwise(kernel_size, changes["share_depthwise"], padding, depthwise_regularizer)]
+            elif changes.get("shift"):
+                depthwise = [Shift()]
             elif changes.get("dw_rank1"):  # the 3×3 kernel as a 3×1 kernel then a 1×3 one
                 depthwise = [keras.layers.DepthwiseConv2D(shape, padding=padding, use_bias=use_bias,
                                                           depthwise_regularizer=depthwise_regularizer)
@@ -470,6 +474,29 @@ def shared_depthwise_class():
                     "padding": self.padding, "regularizer": keras.regularizers.serialize(self.regularizer)}
 
     return SharedDepthwise
+
+
+def shift_class():
+    """`Shift`, defined once Keras is imported (in a process that trains or loads a variant)."""
+    import keras
+
+    # A 3×3 window's offsets, the centre first, then its four neighbours, then the corners: a conv of
+    # fewer than nine channels keeps the nearest.
+    offsets = [(1, 1), (0, 1), (2, 1), (1, 0), (1, 2), (0, 0), (0, 2), (2, 0), (2, 2)]
+
+    @keras.saving.register_keras_serializable(package="tiny_variants")
+    class Shift(keras.layers.Layer):
+        """The shift of Wu et al. (2018), a depthwise 3×3 conv with no parameters: channel c is moved by one
+        pixel towards the offset c mod 9 of a 3×3 window, and the map cropped to the window's "valid" output.
+        The channels come out grouped by offset, an order the pointwise conv after it does not mind.
+        Input `(batch, H, W, C)`, output `(batch, H - 2, W - 2, C)`."""
+
+        def call(self, x):
+            height, width = x.shape[1] - 2, x.shape[2] - 2
+            return keras.ops.concatenate([x[:, dy:dy + height, dx:dx + width, first::9]
+                                          for first, (dy, dx) in enumerate(offsets[:x.shape[-1]])], axis=-1)
+
+    return Shift
 
 
 def global_pool_class():
@@ -726,7 +753,7 @@ def main():
     train_data, _ = split_validation(*load_mnist(args.data_dir)[0], args.validation)
     # a variant's layers, for loading its model
     shared_conv_class(), residual_class(), channel_shuffle_class(), expanded_classes(), shared_depthwise_class(),
-    global_pool_class()
+    global_pool_class(), shift_class()
     for variant in variants:
         runs = [load_run(config_of(variant, s, args.out, args.data_dir, args.validation).run_dir) for s in seeds]
         finals = [run.history[-1] for run in runs]
