@@ -17,8 +17,9 @@ stem's map pooled at once into a block 2 of four convs (no block 1), or depthwis
 or all of a conv's channels, with the parameters saved spent on width, a global maximum in the head, block 2's
 kernels dilated in place of the pool before it, a higher peak learning rate, batches of 256, more L2, block 2's
 last BN without the γ and β the dense layer could absorb (and with the parameters saved spent on width, the
-dense layer without its bias), distillation at a higher temperature, or an elastic distortion after the
-rotation, shift and zoom.
+dense layer without its bias), distillation at a higher temperature, an elastic distortion after the
+rotation, shift and zoom, depthwise kernels of rank one or none at all (Wu et al.'s shift) with the parameters
+saved spent on width, Nesterov's or a higher momentum, or a shorter warm-up.
 `zoom-over-budget…` widen the network past 1,000 parameters and `zoom-60-epochs` trains it past 30 epochs, to
 see what capacity and time give. Only the zoom beat the network it changed on both splits (deskewing on
 validation alone, docs/accuracy.md); the others are not options of kernorm, and this script keeps the search
