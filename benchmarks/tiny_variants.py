@@ -140,6 +140,10 @@ VARIANTS = {
     "zoom-momentum-0.95": dict(recipe=dict(zoom=0.1, momentum=0.95)),
     "zoom-warmup-0.05": dict(recipe=dict(zoom=0.1), warmup=0.05),
     "zoom-shift": dict(recipe=dict(zoom=0.1), shift=True, layout=(4, [10, 10], [14, 14, 14])),
+    # pairs of the levers that fit the training images better than the preset and validate level with it
+    "zoom-dilated-gap-head": dict(recipe=dict(zoom=0.1), dilated=True, head="gap", layout=(4, [8, 8], [12, 12, 10])),
+    "zoom-dilated-l2-2e-4": dict(recipe=dict(zoom=0.1, l2=2e-4), dilated=True),
+    "zoom-lr-0.2-clean-29": dict(recipe=dict(zoom=0.1, lr=0.2), clean_from=29),
 }
 def config_of(variant, seed, out, data_dir, validation):
     from kernorm.config import PRESETS
