@@ -116,7 +116,7 @@ def _device_list(ctx, param, value):
                    + ".")
 @click.option("--architecture", type=click.Choice(ARCHITECTURES), default=_DEFAULTS.architecture,
               show_default=True, help="Network: study (the study's), or compact, small or tiny "
-                                      "(depthwise-separable: 4,490, 1,936 and 982 parameters).")
+                                      "(depthwise-separable: 4,490, 1,936 and 996 parameters).")
 @click.option("--norm", type=click.Choice(NORMS), default=_DEFAULTS.norm, show_default=True)
 @click.option("--groups", type=click.IntRange(min=1), default=_DEFAULTS.groups, show_default=True,
               help="Channel groups for gn.")

@@ -28,6 +28,16 @@ def normalize_pixels():
                             name="normalize_pixels")
 
 
+def dense_logits(l1, l2):
+    """The logits: a dense layer from the features to one output per class, in float32.
+
+    It computes in float32 whatever Keras's global dtype policy, so that the
+    softmax and the loss do. Input `(batch, features)`, output `(batch, 10)`.
+    """
+    return layers.Dense(NUM_CLASSES, kernel_initializer=keras.initializers.VarianceScaling(**TORCH_INIT),
+                        kernel_regularizer=kernel_regularizer(l1, l2), dtype="float32", name="logits")
+
+
 def _study_layers(block):
     """Block [10, 10, 10] -> transition -> block [10, 10] -> transition -> flatten -> dense 10.
 
@@ -40,11 +50,12 @@ def _study_layers(block):
         conv_block([10, 10], name="block2", **block),
         trans_block(10, 10, name="transition2"),
         Flatten(name="flatten"),
+        dense_logits(block["l1"], block["l2"]),
     ]
 
 
 def _separable_layers(stem, block1, block2):
-    """Stem conv [stem] -> separable block `block1` -> transition -> separable block `block2` -> global avg.
+    """Stem conv [stem] -> separable block `block1` -> transition -> separable block `block2` -> global avg -> dense.
 
     The study's plan with its parameters moved. A depthwise-separable 3×3
     conv (a 3×3 filter per input channel, then a 1×1 conv across channels)
@@ -66,21 +77,43 @@ def _separable_layers(stem, block1, block2):
             trans_block(block1[-1], block1[-1], name="transition1"),
             conv_block(block2, separable=True, name="block2", **block),
             layers.GlobalAveragePooling2D(name="pool"),
+            dense_logits(block["l1"], block["l2"]),
         ]
 
     return layers_of
 
 
+def _tiny_layers(block):
+    """Stem conv [4] -> separable block [8, 8] -> separable block [12, 12, 10] dilated by 2 -> global avg.
+
+    The separable plan below 1,000 parameters, where a dense layer's 11
+    parameters a channel are a tenth of the budget. Block 2 keeps block 1's
+    22×22 map, with no pool between them, and spreads its 3×3 kernels over
+    5×5 pixels (dilation 2), so its receptive field matches the pooled
+    plan's while it sees four times the positions. Its last conv gives a
+    channel a class, and the global average of that channel, after its norm,
+    is the class's logit: no dense layer. 996 trainable parameters with
+    "bn", "ln" or "gn"; output maps 26, 24, 22, then 18, 14, 10 pixels wide.
+    """
+    return [
+        conv_block([4], name="stem", **block),
+        conv_block([8, 8], separable=True, name="block1", **block),
+        conv_block([12, 12, NUM_CLASSES], separable=True, dilation_rate=2, name="block2", **block),
+        layers.GlobalAveragePooling2D(name="pool"),
+        layers.Activation("linear", dtype="float32", name="logits"),  # float32, as `dense_logits`
+    ]
+
+
 # Architectures by name, one for each of `kernorm.config.ARCHITECTURES`: each maps a
-# conv_block's keyword arguments to the layers between the pixel normalization and the logits.
-# Trainable parameters with "bn", "ln" or "gn": study 4,700, compact 4,490, small 1,936, tiny 982.
+# conv_block's keyword arguments to the layers between the pixel normalization and the output, logits included.
+# Trainable parameters with "bn", "ln" or "gn": study 4,700, compact 4,490, small 1,936, tiny 996.
 ARCHITECTURES = {
     "study": _study_layers,
     "compact": _separable_layers(8, [16, 24], [24, 32, 32]),
-    # The compact plan at about two thirds and a third of its widths for the 2,000- and 1,000-parameter
-    # budgets: every layer kept, so the depth and the receptive field stay the compact network's.
+    # The compact plan at about two thirds of its widths for the 2,000-parameter budget: every layer kept, so
+    # the depth and the receptive field stay the compact network's.
     "small": _separable_layers(6, [12, 14], [16, 16, 16]),
-    "tiny": _separable_layers(4, [8, 8], [10, 10, 10]),
+    "tiny": _tiny_layers,
 }
 
 
@@ -99,8 +132,8 @@ def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", 
         sync_bn: "bn" synchronizes its batch statistics across the replicas of
             a `tf.distribute` strategy (see `kernorm.norms.create_norm_layer`).
         architecture: "study" (the study's 4.7k-parameter network, see
-            `_study_layers`), "compact", "small" or "tiny" (depthwise-separable,
-            see `_separable_layers`).
+            `_study_layers`), "compact" or "small" (depthwise-separable, see
+            `_separable_layers`), or "tiny" (see `_tiny_layers`).
 
     The layers take Keras's global dtype policy (e.g. "mixed_bfloat16"),
     except the logits layer, which always computes in float32 so that the
@@ -117,8 +150,6 @@ def build_model(norm=None, l1=0.0, l2=0.0, dropout=None, dropout_layers="last", 
         keras.Input(INPUT_SHAPE),
         normalize_pixels(),
         *ARCHITECTURES[architecture](block),
-        layers.Dense(NUM_CLASSES, kernel_initializer=keras.initializers.VarianceScaling(**TORCH_INIT),
-                     kernel_regularizer=kernel_regularizer(l1, l2), dtype="float32", name="logits"),
     ], name=f"{architecture}_{norm or 'none'}")
 
 

@@ -42,15 +42,32 @@ def test_compact_network_keeps_the_parameter_budget(norm):
         "SeparableConv2D", NORM_KINDS[norm]] * 3
 
 
-@pytest.mark.parametrize("architecture, budget, params", [("small", 2000, 1936), ("tiny", 1000, 982)])
 @pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
-def test_small_and_tiny_networks_keep_their_budgets(architecture, budget, params, norm):
-    model = build_model(norm, architecture=architecture)
-    assert count_trainable(model) == params <= budget
+def test_small_network_is_the_compact_plan_within_2000_parameters(norm):
+    model = build_model(norm, architecture="small")
+    assert count_trainable(model) == 1936 <= 2000
     assert model.input_shape == (None, 28, 28, 1) and model.output_shape == (None, 10)
     # The compact plan, narrower: every layer of it, in the same order.
     compact = build_model(norm, architecture="compact")
     assert [layer.name for layer in model.layers] == [layer.name for layer in compact.layers]
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln", "gn"])
+def test_tiny_network_keeps_block1_s_map_dilates_block2_and_averages_a_channel_a_class(norm):
+    model = build_model(norm, architecture="tiny")
+    assert count_trainable(model) == 996 <= 1000
+    assert [layer.name for layer in model.layers] == ["normalize_pixels", "stem", "block1", "block2", "pool",
+                                                      "logits"]
+    assert [layer.output.shape[1:] for layer in model.layers[1:]] == [
+        (26, 26, 4), (22, 22, 8), (10, 10, 10), (10,), (10,)]  # no pool: block 2 loses 4 pixels a conv
+    block2 = model.get_layer("block2").layers
+    assert [type(inner).__name__ for inner in block2] == ["SeparableConv2D", NORM_KINDS[norm]] * 3
+    assert {inner.dilation_rate for inner in block2[::2]} == {(2, 2)}
+    # No dense layer: each logit is the average of its channel after the last norm, computed in float32.
+    assert model.get_layer("logits").weights == [] and model.get_layer("logits").dtype_policy.name == "float32"
+    images = np.random.default_rng(0).uniform(0, 255, (4, 28, 28, 1)).astype(np.float32)
+    features = keras.Model(model.inputs, model.get_layer("block2").output)(images)
+    np.testing.assert_allclose(model(images), np.mean(features, axis=(1, 2)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("preset, budget", [("small", 2000), ("tiny", 1000)])
