@@ -6,9 +6,10 @@ found it, before it took `--zoom 0.1`) for the process that trains it: the layou
 norms without their scale γ, another activation, max- in place of average-pooling, Adam in place of SGD, the
 weights averaged over the schedule's tail, BN's statistics recollected after training, augmentation of only
 some of the images, a smaller rotation, or a scaling added (`VARIANTS`; the scaling is also kernorm's
-`train --zoom`, in one resampling). The `zoom-…` and weight-shared variants change the tiny preset as it is
-now (`preset-zoom`, `--zoom 0.1`): a full conv at high resolution, residual connections in block 2, a lower
-L2 or peak learning rate, the last epochs trained on un-augmented images, the dense head replaced by a conv,
+`train --zoom`, in one resampling). The `zoom-…` and weight-shared variants change the tiny preset with its
+zoom on the 982-parameter network it had until `zoom-dilated-gap-head` became it (`preset-zoom`, `--zoom 0.1`):
+a full conv at high resolution, residual connections in block 2, a lower L2 or peak learning rate, the last
+epochs trained on un-augmented images, the dense head replaced by a conv,
 block 2's 1×1 convolutions grouped or its maps zero-padded, or its later convolutions made one, applied
 several times; every kernel trained as a product of factors, the norm before the activation, batches of 64,
 distillation from `compact-teacher` (the compact preset on the same split, seed 1; train it first), every
@@ -91,7 +92,7 @@ VARIANTS = {
     "augment-half": dict(augment_probability=0.5),
     "rotate-4": dict(rotation=4.0),
     "zoom-10": dict(zoom=0.1),
-    "preset-zoom": dict(recipe=dict(zoom=0.1)),  # `--preset tiny` as it is now
+    "preset-zoom": dict(recipe=dict(zoom=0.1)),  # `--preset tiny`'s recipe on its earlier, 982-parameter network
     "shared-late": dict(recipe=dict(zoom=0.1), shared=(13, 2)),
     "shared-deeper": dict(recipe=dict(zoom=0.1), shared=(12, 3)),
     "zoom-full-early": dict(recipe=dict(zoom=0.1), layout=(4, [8], [10, 10, 10]), full=[4]),
@@ -173,7 +174,7 @@ def _apply(changes, out):
         if not layout[1]:  # no block 1: the stem's map pooled at once
             return [conv_block([layout[0]], name="stem", **block), keras.layers.AveragePooling2D(2, name="transition1"),
                     conv_block(layout[2], separable=True, name="block2", **block),
-                    keras.layers.GlobalAveragePooling2D(name="pool")]
+                    keras.layers.GlobalAveragePooling2D(name="pool"), models.dense_logits(block["l1"], block["l2"])]
         stack = models._separable_layers(*layout)(block)
         layer = {k: v for k, v in block.items() if k != "dropout_layers"}  # conv_layer's arguments
         regularizer = models.kernel_regularizer(block["l1"], block["l2"])
@@ -209,12 +210,12 @@ def _apply(changes, out):
                                    center=False, scale=False)], name="block2")
         if changes.get("pool") == "max":  # the transition: [conv_block stem, block1, transition, ...]
             stack[2] = keras.layers.MaxPooling2D(2, name="transition1")
-        if "head_pool" in changes:  # the last: [..., block2, pool]
-            stack[-1] = GlobalPool(changes["head_pool"], name="pool")
+        if "head_pool" in changes:  # the last but one: [..., block2, pool, logits]
+            stack[-2] = GlobalPool(changes["head_pool"], name="pool")
         if "full" in changes:
             stack.insert(1, conv_block(changes["full"], name="full", **block))
         if changes.get("head") == "conv":  # the logits: a linear separable conv to 10 channels, averaged
-            stack.insert(-1, keras.layers.SeparableConv2D(10, 3, depthwise_regularizer=regularizer,
+            stack.insert(-2, keras.layers.SeparableConv2D(10, 3, depthwise_regularizer=regularizer,
                                                           pointwise_regularizer=regularizer, name="head"))
         if "expand" in changes:
             stack = expanded_layers(layout, changes["expand"], block)
@@ -235,7 +236,7 @@ def _apply(changes, out):
                 keras.Sequential([piece for width in block1 for piece in conv(width, True)], name="block1"),
                 keras.layers.AveragePooling2D(2, name="transition1"),
                 keras.Sequential([piece for width in block2 for piece in conv(width, True)], name="block2"),
-                keras.layers.GlobalAveragePooling2D(name="pool")]
+                keras.layers.GlobalAveragePooling2D(name="pool"), models.dense_logits(block["l1"], block["l2"])]
     if changes.get("logit_bias") is False:  # the dense layer without its bias
         models.layers = keras_layers_with(Dense=lambda units, **kwargs: keras.layers.Dense(units, use_bias=False,
                                                                                           **kwargs))
