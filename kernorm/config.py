@@ -143,7 +143,7 @@ LOCATION_FIELDS = ("data_dir", "out", "tensorboard", "backup_dir", "backup_every
 
 # Training recipes by name; command-line options override their fields. The smaller networks take the
 # compact recipe for twice the epochs, with the L2 their validation sweep chose; tiny also scales its
-# augmented images by up to ±10 %, the one lever its validation search kept (docs/accuracy.md).
+# augmented images by up to ±10 %, a lever its validation search kept with its network (docs/accuracy.md).
 _COMPACT = TrainConfig(architecture="compact", l2=2.5e-4, epochs=15, lr=0.1, schedule="onecycle", augment=True)
 PRESETS = {
     "study": TrainConfig(),

@@ -189,7 +189,7 @@ def test_measured_arena_is_the_smallest_that_runs(micro_exported, int8_model):
     assert micro.tflm_error(int8_model, measured - 1)
 
 
-@pytest.mark.parametrize("architecture", ["study", "compact"])
+@pytest.mark.parametrize("architecture", ["study", "compact", "tiny"])  # tiny: dilated convs as space-to-batch
 def test_macs_are_every_weights_use_in_the_keras_model(architecture):
     import keras
 
