@@ -89,8 +89,8 @@ def _tiny_layers(block):
     The separable plan below 1,000 parameters, where a dense layer's 11
     parameters a channel are a tenth of the budget. Block 2 keeps block 1's
     22×22 map, with no pool between them, and spreads its 3×3 kernels over
-    5×5 pixels (dilation 2), so its receptive field matches the pooled
-    plan's while it sees four times the positions. Its last conv gives a
+    5×5 pixels (dilation 2), so its receptive field (19×19) stays within a
+    pixel of the pooled plan's while it sees four times the positions. Its last conv gives a
     channel a class, and the global average of that channel, after its norm,
     is the class's logit: no dense layer. 996 trainable parameters with
     "bn", "ln" or "gn"; output maps 26, 24, 22, then 18, 14, 10 pixels wide.
