@@ -23,7 +23,7 @@ from kernorm.data import load_mnist, recorded_data_dir
 from kernorm.errors import KernormError
 from kernorm.files import write_bytes, write_json, write_text
 from kernorm.folders import inside, prepare, saved_config
-from kernorm.models import load_model, with_constant_flatten
+from kernorm.models import leaf_layers, load_model, with_batch_of_one, with_constant_flatten
 from kernorm.rundir import CONFIG as RUN_CONFIG
 from kernorm.runtime import TFLiteModel
 
@@ -71,7 +71,14 @@ def convert(model, quantize, calibration=None):
     Returns:
         The `.tflite` file's bytes.
     """
-    converter = tf.lite.TFLiteConverter.from_keras_model(with_constant_flatten(model))
+    model = with_constant_flatten(model)
+    if any(max(getattr(layer, "dilation_rate", (1,))) > 1 for layer in leaf_layers(model)):
+        # With a free batch the converter lowers a dilated conv to SPACE_TO_BATCH_ND, the conv and
+        # BATCH_TO_SPACE_ND, and stores their tensors' shapes at batch 1 where the first makes a batch of
+        # four: LiteRT recomputes shapes, TFLM allocates the stored ones and computes garbage. At batch 1
+        # the converter fuses the three into one dilated conv, which both run.
+        model = with_batch_of_one(model)
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if quantize != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantize == "float16":

@@ -198,6 +198,18 @@ def with_constant_flatten(model):
     return clone
 
 
+def leaf_layers(model):
+    """`model`'s layers, those of the models nested in it in their place, in order."""
+    return [leaf for layer in model.layers
+            for leaf in (leaf_layers(layer) if isinstance(layer, keras.Model) else [layer])]
+
+
+def with_batch_of_one(model):
+    """`model` behind an input of exactly one image: the same layers and weights, every shape static."""
+    inputs = keras.Input(model.input_shape[1:], batch_size=1)
+    return keras.Model(inputs, model(inputs), name=model.name)
+
+
 def load_model(path):
     """Loads a `.keras` model with Keras's safe mode on: nothing is unpickled or run from the file."""
     if not os.path.isfile(path):
